@@ -1,0 +1,249 @@
+"""Names and values shared with the cluster manager.
+
+Every name here keeps the spelling and the value of the cluster manager's
+``ganeti.constants`` so that code written against its KVM driver ports by
+changing the import.  Paths of the programs this library ships are computed
+from the package location, so they are right for an installed package and
+for an editable checkout alike.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+# Hypervisor types
+HT_KVM = "kvm"
+HYPER_TYPES = frozenset([HT_KVM])
+
+# Hypervisor parameter names (the cluster manager's spelling and values)
+HV_KERNEL_PATH = "kernel_path"
+HV_INITRD_PATH = "initrd_path"
+HV_ROOT_PATH = "root_path"
+HV_KERNEL_ARGS = "kernel_args"
+HV_ACPI = "acpi"
+HV_SERIAL_CONSOLE = "serial_console"
+HV_SERIAL_SPEED = "serial_speed"
+HV_VNC_BIND_ADDRESS = "vnc_bind_address"
+HV_VNC_TLS = "vnc_tls"
+HV_VNC_X509 = "vnc_x509_path"
+HV_VNC_X509_VERIFY = "vnc_x509_verify"
+HV_VNC_PASSWORD_FILE = "vnc_password_file"
+HV_KVM_FLOPPY_IMAGE_PATH = "floppy_image_path"
+HV_CDROM_IMAGE_PATH = "cdrom_image_path"
+HV_KVM_CDROM2_IMAGE_PATH = "cdrom2_image_path"
+HV_BOOT_ORDER = "boot_order"
+HV_NIC_TYPE = "nic_type"
+HV_DISK_TYPE = "disk_type"
+HV_KVM_CDROM_DISK_TYPE = "cdrom_disk_type"
+HV_USB_MOUSE = "usb_mouse"
+HV_MIGRATION_PORT = "migration_port"
+HV_MIGRATION_BANDWIDTH = "migration_bandwidth"
+HV_MIGRATION_DOWNTIME = "migration_downtime"
+HV_MIGRATION_MODE = "migration_mode"
+HV_USE_LOCALTIME = "use_localtime"
+HV_DISK_CACHE = "disk_cache"
+HV_SECURITY_MODEL = "security_model"
+HV_SECURITY_DOMAIN = "security_domain"
+HV_KVM_FLAG = "kvm_flag"
+HV_VHOST_NET = "vhost_net"
+HV_KVM_USE_CHROOT = "use_chroot"
+HV_MEM_PATH = "mem_path"
+HV_KVM_PATH = "kvm_path"
+
+# Value types of hypervisor parameters
+VTYPE_STRING = "string"
+VTYPE_MAYBE_STRING = "maybe-string"
+VTYPE_BOOL = "bool"
+VTYPE_INT = "int"
+
+HVS_PARAMETER_TYPES = {
+    HV_KERNEL_PATH: VTYPE_STRING,
+    HV_INITRD_PATH: VTYPE_STRING,
+    HV_ROOT_PATH: VTYPE_MAYBE_STRING,
+    HV_KERNEL_ARGS: VTYPE_STRING,
+    HV_ACPI: VTYPE_BOOL,
+    HV_SERIAL_CONSOLE: VTYPE_BOOL,
+    HV_SERIAL_SPEED: VTYPE_INT,
+    HV_VNC_BIND_ADDRESS: VTYPE_STRING,
+    HV_VNC_TLS: VTYPE_BOOL,
+    HV_VNC_X509: VTYPE_STRING,
+    HV_VNC_X509_VERIFY: VTYPE_BOOL,
+    HV_VNC_PASSWORD_FILE: VTYPE_STRING,
+    HV_KVM_FLOPPY_IMAGE_PATH: VTYPE_STRING,
+    HV_CDROM_IMAGE_PATH: VTYPE_STRING,
+    HV_KVM_CDROM2_IMAGE_PATH: VTYPE_STRING,
+    HV_BOOT_ORDER: VTYPE_STRING,
+    HV_NIC_TYPE: VTYPE_STRING,
+    HV_DISK_TYPE: VTYPE_STRING,
+    HV_KVM_CDROM_DISK_TYPE: VTYPE_STRING,
+    HV_USB_MOUSE: VTYPE_STRING,
+    HV_MIGRATION_PORT: VTYPE_INT,
+    HV_MIGRATION_BANDWIDTH: VTYPE_INT,
+    HV_MIGRATION_DOWNTIME: VTYPE_INT,
+    HV_MIGRATION_MODE: VTYPE_STRING,
+    HV_USE_LOCALTIME: VTYPE_BOOL,
+    HV_DISK_CACHE: VTYPE_STRING,
+    HV_SECURITY_MODEL: VTYPE_STRING,
+    HV_SECURITY_DOMAIN: VTYPE_STRING,
+    HV_KVM_FLAG: VTYPE_STRING,
+    HV_VHOST_NET: VTYPE_BOOL,
+    HV_KVM_USE_CHROOT: VTYPE_BOOL,
+    HV_MEM_PATH: VTYPE_STRING,
+    HV_KVM_PATH: VTYPE_STRING,
+}
+HVS_PARAMETERS = frozenset(HVS_PARAMETER_TYPES)
+
+# Boot order
+HT_BO_FLOPPY = "floppy"
+HT_BO_CDROM = "cdrom"
+HT_BO_DISK = "disk"
+HT_BO_NETWORK = "network"
+HT_KVM_VALID_BO_TYPES = frozenset([HT_BO_FLOPPY, HT_BO_CDROM, HT_BO_DISK, HT_BO_NETWORK])
+
+# NIC models
+HT_NIC_RTL8139 = "rtl8139"
+HT_NIC_NE2K_PCI = "ne2k_pci"
+HT_NIC_NE2K_ISA = "ne2k_isa"
+HT_NIC_I82551 = "i82551"
+HT_NIC_I85557B = "i82557b"
+HT_NIC_I8259ER = "i82559er"
+HT_NIC_PCNET = "pcnet"
+HT_NIC_E1000 = "e1000"
+HT_NIC_PARAVIRTUAL = HT_DISK_PARAVIRTUAL = "paravirtual"
+HT_KVM_VALID_NIC_TYPES = frozenset([
+    HT_NIC_RTL8139, HT_NIC_NE2K_PCI, HT_NIC_NE2K_ISA, HT_NIC_I82551,
+    HT_NIC_I85557B, HT_NIC_I8259ER, HT_NIC_PCNET, HT_NIC_E1000,
+    HT_NIC_PARAVIRTUAL,
+])
+
+# Disk types
+HT_DISK_IOEMU = "ioemu"
+HT_DISK_IDE = "ide"
+HT_DISK_SCSI = "scsi"
+HT_DISK_SD = "sd"
+HT_DISK_MTD = "mtd"
+HT_DISK_PFLASH = "pflash"
+HT_KVM_VALID_DISK_TYPES = frozenset([
+    HT_DISK_PARAVIRTUAL, HT_DISK_IDE, HT_DISK_SCSI, HT_DISK_SD,
+    HT_DISK_MTD, HT_DISK_PFLASH,
+])
+
+# Disk cache modes
+HT_CACHE_DEFAULT = "default"
+HT_CACHE_NONE = "none"
+HT_CACHE_WTHROUGH = "writethrough"
+HT_CACHE_WBACK = "writeback"
+HT_VALID_CACHE_TYPES = frozenset([
+    HT_CACHE_DEFAULT, HT_CACHE_NONE, HT_CACHE_WTHROUGH, HT_CACHE_WBACK,
+])
+
+# USB pointing devices
+HT_MOUSE_MOUSE = "mouse"
+HT_MOUSE_TABLET = "tablet"
+HT_KVM_VALID_MOUSE_TYPES = frozenset([HT_MOUSE_MOUSE, HT_MOUSE_TABLET])
+
+# Security models
+HT_SM_NONE = "none"
+HT_SM_USER = "user"
+HT_SM_POOL = "pool"
+HT_KVM_VALID_SM_TYPES = frozenset([HT_SM_NONE, HT_SM_USER, HT_SM_POOL])
+
+# KVM acceleration
+HT_KVM_ENABLED = "enabled"
+HT_KVM_DISABLED = "disabled"
+HT_KVM_FLAG_VALUES = frozenset([HT_KVM_ENABLED, HT_KVM_DISABLED])
+
+# Migration
+HT_MIGRATION_LIVE = "live"
+HT_MIGRATION_NONLIVE = "non-live"
+HT_MIGRATION_MODES = frozenset([HT_MIGRATION_LIVE, HT_MIGRATION_NONLIVE])
+
+# Serial line speeds QEMU's chardev and the kernel's console agree on
+VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
+                       14400, 19200, 28800, 38400, 57600, 115200, 230400,
+                       345600, 460800)
+
+KVM_PATH = "/usr/bin/kvm"
+SOCAT_PATH = "/usr/bin/socat"
+
+HVC_DEFAULTS = {
+    HT_KVM: {
+        HV_KVM_PATH: KVM_PATH,
+        HV_KERNEL_PATH: "/boot/vmlinuz-kvmU",
+        HV_INITRD_PATH: "",
+        HV_KERNEL_ARGS: "ro",
+        HV_ROOT_PATH: "/dev/vda1",
+        HV_ACPI: True,
+        HV_SERIAL_CONSOLE: True,
+        HV_SERIAL_SPEED: 38400,
+        HV_VNC_BIND_ADDRESS: "",
+        HV_VNC_TLS: False,
+        HV_VNC_X509: "",
+        HV_VNC_X509_VERIFY: False,
+        HV_VNC_PASSWORD_FILE: "",
+        HV_KVM_FLOPPY_IMAGE_PATH: "",
+        HV_CDROM_IMAGE_PATH: "",
+        HV_KVM_CDROM2_IMAGE_PATH: "",
+        HV_BOOT_ORDER: HT_BO_DISK,
+        HV_NIC_TYPE: HT_NIC_PARAVIRTUAL,
+        HV_DISK_TYPE: HT_DISK_PARAVIRTUAL,
+        HV_KVM_CDROM_DISK_TYPE: "",
+        HV_USB_MOUSE: "",
+        HV_MIGRATION_PORT: 8102,
+        HV_MIGRATION_BANDWIDTH: 32,
+        HV_MIGRATION_DOWNTIME: 30,
+        HV_MIGRATION_MODE: HT_MIGRATION_LIVE,
+        HV_USE_LOCALTIME: False,
+        HV_DISK_CACHE: HT_CACHE_DEFAULT,
+        HV_SECURITY_MODEL: HT_SM_NONE,
+        HV_SECURITY_DOMAIN: "",
+        HV_KVM_FLAG: "",
+        HV_VHOST_NET: False,
+        HV_KVM_USE_CHROOT: False,
+        HV_MEM_PATH: "",
+    },
+}
+
+# Backend parameters
+BE_MEMORY = "memory"
+BE_VCPUS = "vcpus"
+BE_AUTO_BALANCE = "auto_balance"
+BEC_DEFAULTS = {BE_MEMORY: 128, BE_VCPUS: 1, BE_AUTO_BALANCE: True}
+
+# NIC parameters
+NIC_MODE = "mode"
+NIC_LINK = "link"
+NIC_MODE_BRIDGED = "bridged"
+NIC_MODE_ROUTED = "routed"
+NIC_VALID_MODES = frozenset([NIC_MODE_BRIDGED, NIC_MODE_ROUTED])
+NICC_DEFAULTS = {NIC_MODE: NIC_MODE_BRIDGED, NIC_LINK: ""}
+
+# Disk access modes
+DISK_RDONLY = "ro"
+DISK_RDWR = "rw"
+DISK_ACCESS_SET = frozenset([DISK_RDONLY, DISK_RDWR])
+
+# Console kinds
+CONS_SSH = "ssh"
+CONS_VNC = "vnc"
+CONS_SPICE = "spice"
+CONS_MESSAGE = "msg"
+CONS_ALL = frozenset([CONS_SSH, CONS_VNC, CONS_SPICE, CONS_MESSAGE])
+
+VNC_BASE_PORT = 5900
+# The address to listen on everywhere (the cluster manager's IP4_ADDRESS_ANY)
+IP4_ADDRESS_ANY = "0.0.0.0"
+
+# Where every instance's runtime state lives unless told otherwise
+RUN_DIR_ENV = "GANETI_KVM_RUN_DIR"
+DEFAULT_RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
+
+# Programs shipped with this package
+_TOOLS_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "tools")
+KVM_CONSOLE_WRAPPER = _os.path.join(_TOOLS_DIR, "kvm-console-wrapper")
+KVM_IFUP = _os.path.join(_TOOLS_DIR, "kvm-ifup")
+
+# Instance states as reported by GetInstanceInfo
+HV_STATE_RUNNING = "running"
+HV_STATE_PAUSED = "paused"
+HV_STATE_UNKNOWN = "unknown"  # the process lives but its monitor does not answer

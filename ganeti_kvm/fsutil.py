@@ -1,0 +1,69 @@
+"""Small filesystem helpers: atomic writes, private directories, careful removal."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+
+def ensure_dirs(paths: list[str], mode: int = 0o700) -> None:
+    """Create each directory (and parents) with ``mode``, tightening existing ones."""
+    for path in paths:
+        os.makedirs(path, mode=mode, exist_ok=True)
+        if os.stat(path).st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
+def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+
+    A reader sees either the old content or the new one, never a mix, even
+    if the node crashes in between.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        remove_file(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        remove_file(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_file(path: str) -> bool:
+    """Remove ``path`` if it exists; return whether something was removed."""
+    try:
+        os.unlink(path)
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise
+    return True
+
+
+def read_small_file(path: str, limit: int = 1 << 20) -> bytes | None:
+    """Return the content of ``path`` (at most ``limit`` bytes), or None if it is missing."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(limit)
+    except FileNotFoundError:
+        return None

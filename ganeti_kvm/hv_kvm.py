@@ -1,0 +1,234 @@
+"""The KVM hypervisor, behind the cluster manager's contract.
+
+:class:`KVMHypervisor` keeps the names and signatures of the cluster
+manager's KVM driver (CamelCase methods, ``PARAMETERS``, ``CAN_MIGRATE``) so
+that a node daemon ports by changing an import.  It only adapts the
+daemon's objects to plain data; the work is done by
+:class:`ganeti_kvm.lifecycle.KvmNode` and the modules below it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from ganeti_kvm import cmdline, errors, hv_base, objects, paths, qemu_caps, validation
+from ganeti_kvm import constants as c
+from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
+
+log = logging.getLogger(__name__)
+
+
+def _attr(obj: Any, name: str, default: Any = None) -> Any:
+    """An attribute of a daemon object, or the key of a dict."""
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _nic_dict(nic: Any) -> dict[str, Any]:
+    if isinstance(nic, Mapping):
+        data = dict(nic)
+    elif hasattr(nic, "ToDict"):
+        data = nic.ToDict()
+    else:
+        data = {k: getattr(nic, k, None) for k in ("mac", "ip", "nicparams")}
+    data["nicparams"] = dict(data.get("nicparams") or {})
+    return data
+
+
+class KVMHypervisor(hv_base.BaseHypervisor):
+    """QEMU/KVM instances on this node.
+
+    ``run_dir`` relocates all runtime state (default: ``GANETI_KVM_RUN_DIR``
+    or /var/run/ganeti/kvm-hypervisor), so one process can act as several
+    nodes.  ``uid_pool`` (e.g. ``"1000-1010, 2000"``) serves the security
+    model ``pool``; it defaults to ``GANETI_KVM_UID_POOL``.
+    """
+
+    CAN_MIGRATE = True
+    PARAMETERS = validation.PARAMETERS
+    PARAMETER_TYPES = dict(c.HVS_PARAMETER_TYPES)
+
+    def __init__(self, run_dir: str | None = None, uid_pool: str | None = None,
+                 socat_path: str = c.SOCAT_PATH) -> None:
+        self._run_dir = run_dir or paths.default_run_dir()
+        self.node = KvmNode(self._run_dir, uid_pool=uid_pool, socat_path=socat_path)
+
+    # --- parameters ------------------------------------------------------------
+
+    @classmethod
+    def CheckParameterSyntax(cls, hvparams: Mapping[str, Any]) -> None:
+        """Check the syntax of ``hvparams``, including the checks between keys."""
+        super().CheckParameterSyntax(hvparams)
+        validation.check_syntax(hvparams)
+
+    def ValidateParameters(self, hvparams: Mapping[str, Any]) -> None:
+        """Check ``hvparams`` against this node: files, users, devices, QEMU's abilities."""
+        super().ValidateParameters(hvparams)
+        caps = self.node.caps(hvparams[c.HV_KVM_PATH])
+        validation.check_node(hvparams, caps)
+
+    @classmethod
+    def _validate_on_node(cls, hvparams: Mapping[str, Any], caps: Any) -> None:
+        hv_base.BaseHypervisor.ValidateParameters(cls, hvparams)  # type: ignore[arg-type]
+        validation.check_node(hvparams, caps)
+
+    @staticmethod
+    def FillHvParams(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The cluster defaults overlaid with ``hvparams``."""
+        return validation.fill(hvparams)
+
+    # --- adapting the daemon's objects ---------------------------------------------
+
+    @classmethod
+    def _spec(cls, instance: Any, block_devices: Any = ()) -> InstanceSpec:
+        name = paths.check_instance_name(_attr(instance, "name"))
+        hvparams = validation.fill(_attr(instance, "hvparams"))
+        beparams = dict(c.BEC_DEFAULTS)
+        beparams.update(_attr(instance, "beparams") or {})
+        memory, vcpus = beparams.get(c.BE_MEMORY), beparams.get(c.BE_VCPUS)
+        for key, value in ((c.BE_MEMORY, memory), (c.BE_VCPUS, vcpus)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise errors.ParameterError(
+                    f"Instance {name}: backend parameter {key} must be a whole number "
+                    f"greater than zero, not {value!r}", key, value)
+        disks = cmdline.normalize_block_devices(list(block_devices or []))
+        disk_dicts = []
+        for entry in block_devices or []:
+            disk = entry[0]
+            disk_dicts.append(disk.ToDict() if hasattr(disk, "ToDict") else
+                              dict(disk) if isinstance(disk, Mapping) else
+                              {"mode": getattr(disk, "mode", c.DISK_RDWR)})
+        return InstanceSpec(
+            name=name, hvparams=hvparams, memory=memory, vcpus=vcpus,
+            nics=[_nic_dict(n) for n in _attr(instance, "nics") or []], disks=disks,
+            tags=[str(t) for t in _attr(instance, "tags") or []],
+            uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"),
+            disk_dicts=disk_dicts)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def StartInstance(self, instance: Any, block_devices: Any,
+                      startup_paused: bool = False) -> None:
+        """Start ``instance``; returns when QEMU runs and answers on its monitor.
+
+        ``block_devices`` are ``(disk, path)`` pairs or ``(disk, path, uri)``
+        triples.  With ``startup_paused`` the guest waits in QMP state
+        ``prelaunch`` until continued (e.g. by the console wrapper).
+        """
+        self.node.start(self._spec(instance, block_devices), paused=startup_paused)
+
+    def StopInstance(self, instance: Any, force: bool = False, retry: bool = False,
+                     name: str | None = None, timeout: float | None = None) -> None:
+        """Stop an instance.
+
+        With ACPI on and no ``force``, presses the ACPI power button; with a
+        ``timeout`` it then waits that long for the guest to power off before
+        terminating QEMU (SIGTERM, then SIGKILL); without one it returns at
+        once, as the cluster manager polls (``retry``).  ``name`` with
+        ``force`` stops an instance known only by name.
+        """
+        if name is not None and not force:
+            raise errors.HypervisorError("Cannot shutdown cleanly by name only")
+        if name is None:
+            name = paths.check_instance_name(_attr(instance, "name"))
+        acpi = True
+        record = None
+        try:
+            record = self.node.load_record(name)
+        except errors.RuntimeStateError as err:
+            log.warning("%s; stopping instance %s without it", err, name)
+        if record is not None:
+            acpi = bool(record.hvparams.get(c.HV_ACPI))
+        elif instance is not None:
+            acpi = bool(validation.fill(_attr(instance, "hvparams"))[c.HV_ACPI])
+        self.node.stop(name, acpi=acpi, force=force, timeout=timeout)
+
+    def CleanupInstance(self, instance_name: str) -> None:
+        """Remove everything a stopped instance left behind; refuses while it runs."""
+        self.node.cleanup(instance_name)
+
+    def RebootInstance(self, instance: Any) -> None:
+        """Stop the instance and start it again from its saved runtime record."""
+        self.node.reboot(paths.check_instance_name(_attr(instance, "name")))
+
+    # --- listing -------------------------------------------------------------
+
+    def ListInstances(self) -> list[str]:
+        """Names of the instances whose QEMU runs on this node."""
+        return self.node.list_names()
+
+    def GetInstanceInfo(self, instance_name: str) -> tuple | None:
+        """``(name, pid, memory, vcpus, state, cpu_time)`` or None if not running."""
+        info = self.node.info(instance_name)
+        return info.as_tuple() if info else None
+
+    def GetAllInstancesInfo(self) -> list[tuple]:
+        """:meth:`GetInstanceInfo` for every running instance."""
+        return [info.as_tuple() for info in self.node.all_info()]
+
+    # --- node ------------------------------------------------------------------
+
+    def GetNodeInfo(self) -> dict[str, Any]:
+        """Memory and CPUs of the node, plus the default QEMU's version."""
+        result: dict[str, Any] = self.GetLinuxNodeInfo()
+        try:
+            result["hv_version"] = self.node.caps(c.KVM_PATH).version
+        except errors.HypervisorError as err:
+            log.warning("Cannot tell the QEMU version: %s", err)
+        return result
+
+    def Verify(self, kvm_path: str | None = None) -> str | None:
+        """None if this node can run instances, else a message saying what is missing."""
+        problems = []
+        kvm_path = kvm_path or c.KVM_PATH
+        try:
+            caps = self.node.caps(kvm_path)
+            if not caps.has_option("daemonize"):
+                problems.append(f"QEMU {kvm_path} cannot -daemonize")
+        except errors.HypervisorError as err:
+            problems.append(f"QEMU is not usable: {err}")
+        socat = self.node.socat_path
+        if not (os.path.isfile(socat) and os.access(socat, os.X_OK)):
+            problems.append(f"socat not found at {socat} (needed for serial consoles)")
+        try:
+            self.node.ensure_dirs()
+        except errors.HypervisorError as err:
+            problems.append(str(err))
+        return "; ".join(problems) if problems else None
+
+    def PowercycleNode(self) -> None:
+        """Reboot the node at once (sysrq); for a hung node only."""
+        self.LinuxPowercycle()
+
+    # --- consoles --------------------------------------------------------------
+
+    @classmethod
+    def GetInstanceConsole(cls, instance: Any, hvparams: Mapping[str, Any],
+                           beparams: Mapping[str, Any],
+                           run_dir: str | None = None) -> objects.InstanceConsole:
+        """How to reach the console of ``instance``: serial over ssh, VNC, or a message."""
+        name = paths.check_instance_name(_attr(instance, "name"))
+        hvp = validation.fill(hvparams)
+        node = _attr(instance, "primary_node")
+        if hvp[c.HV_SERIAL_CONSOLE]:
+            ipaths = paths.RunDir(run_dir or paths.default_run_dir()).instance(name)
+            command = [c.KVM_CONSOLE_WRAPPER, c.SOCAT_PATH, name, ipaths.qmp_socket,
+                       "STDIO,raw,echo=0,escape=0x1d", "UNIX-CONNECT:" + ipaths.serial_socket]
+            return objects.InstanceConsole(instance=name, kind=c.CONS_SSH, host=node,
+                                           user="root", command=command)
+        address = hvp[c.HV_VNC_BIND_ADDRESS]
+        port = _attr(instance, "network_port")
+        if address and not address.startswith("/") and isinstance(port, int) \
+                and port >= c.VNC_BASE_PORT:
+            host = node if address == c.IP4_ADDRESS_ANY else address
+            return objects.InstanceConsole(instance=name, kind=c.CONS_VNC, host=host,
+                                           port=port, display=port - c.VNC_BASE_PORT)
+        return objects.InstanceConsole(instance=name, kind=c.CONS_MESSAGE,
+                                       message=f"No serial shell for instance {name}")
+
+    # --- migration (see ganeti_kvm.migration) ----------------------------------------

@@ -1,0 +1,137 @@
+"""Where an instance's runtime state lives under the run directory.
+
+Every per-instance path comes from :class:`RunDir`, so the layout is defined
+in one place.  The run directory is ``/var/run/ganeti/kvm-hypervisor`` unless
+``GANETI_KVM_RUN_DIR`` or an explicit argument says otherwise, which lets one
+process act as several nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ganeti_kvm import constants, errors
+
+# Instance names are host names: letters, digits, dots, dashes, underscores.
+# Anything else (spaces, slashes, shell metacharacters) is refused before it
+# can reach a path, a QEMU option or a hook.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
+_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the final NUL
+
+# The suffix of the longest socket file name: NAME + ".serial"
+_LONGEST_SOCKET_SUFFIX = ".serial"
+
+
+def check_instance_name(name: object) -> str:
+    """Return ``name`` if it is a usable instance name, else raise HypervisorError."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise errors.HypervisorError(
+            f"Invalid instance name {name!r}: use 1-63 letters, digits, '.', '-' or '_', "
+            "starting with a letter, digit or '_' (no spaces, slashes or shell characters)")
+    return name
+
+
+def default_run_dir() -> str:
+    """The run directory from ``GANETI_KVM_RUN_DIR`` or the built-in default."""
+    return os.environ.get(constants.RUN_DIR_ENV) or constants.DEFAULT_RUN_DIR
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The layout of one node's run directory."""
+
+    root: str
+
+    @property
+    def pid_dir(self) -> str:
+        return os.path.join(self.root, "pid")
+
+    @property
+    def ctrl_dir(self) -> str:
+        return os.path.join(self.root, "ctrl")
+
+    @property
+    def conf_dir(self) -> str:
+        return os.path.join(self.root, "conf")
+
+    @property
+    def lock_dir(self) -> str:
+        return os.path.join(self.root, "lock")
+
+    @property
+    def uid_dir(self) -> str:
+        return os.path.join(self.root, "uid")
+
+    @property
+    def chroot_dir(self) -> str:
+        return os.path.join(self.root, "chroot")
+
+    @property
+    def quarantine_dir(self) -> str:
+        return os.path.join(self.root, "chroot-quarantine")
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.root, "cache")
+
+    def all_dirs(self) -> list[str]:
+        """Every directory of the layout, root first."""
+        return [self.root, self.pid_dir, self.ctrl_dir, self.conf_dir, self.lock_dir,
+                self.uid_dir, self.chroot_dir, self.quarantine_dir, self.cache_dir]
+
+    def instance(self, name: str) -> "InstancePaths":
+        """The paths of one instance; validates the name and socket path lengths."""
+        check_instance_name(name)
+        paths = InstancePaths(self, name)
+        longest = paths.serial_socket
+        if len(os.fsencode(longest)) > _UNIX_PATH_MAX:
+            raise errors.HypervisorError(
+                f"Socket path {longest!r} is longer than {_UNIX_PATH_MAX} bytes; "
+                "use a shorter run directory or instance name")
+        return paths
+
+
+@dataclass(frozen=True)
+class InstancePaths:
+    """All files of one instance under a run directory."""
+
+    run_dir: RunDir
+    name: str
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.run_dir.pid_dir, self.name)
+
+    @property
+    def qmp_socket(self) -> str:
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".qmp")
+
+    @property
+    def monitor_socket(self) -> str:
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".monitor")
+
+    @property
+    def serial_socket(self) -> str:
+        return os.path.join(self.run_dir.ctrl_dir, self.name + _LONGEST_SOCKET_SUFFIX)
+
+    @property
+    def runtime_file(self) -> str:
+        return os.path.join(self.run_dir.conf_dir, self.name + ".runtime")
+
+    @property
+    def lock_file(self) -> str:
+        return os.path.join(self.run_dir.lock_dir, self.name + ".lock")
+
+    @property
+    def chroot(self) -> str:
+        return os.path.join(self.run_dir.chroot_dir, self.name)
+
+    def vnc_socket(self, directory: str) -> str:
+        """The VNC unix socket when ``vnc_bind_address`` is a directory."""
+        return os.path.join(directory, self.name + ".vnc")
+
+    def runtime_files(self) -> list[str]:
+        """Files that a stopped instance may leave behind."""
+        return [self.pidfile, self.qmp_socket, self.monitor_socket, self.serial_socket]

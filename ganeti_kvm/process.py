@@ -1,0 +1,135 @@
+"""Processes: is this PID really our QEMU, signals, and bounded waits.
+
+Everything here reads /proc directly; nothing starts a subprocess, so the
+listing calls stay cheap and cannot hang on another program.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from ganeti_kvm import fsutil
+
+
+def read_pidfile(path: str) -> int | None:
+    """The PID in ``path``, or None if the file is missing, empty or garbage."""
+    try:
+        raw = fsutil.read_small_file(path, limit=64)
+    except OSError:
+        return None
+    if not raw:
+        return None
+    try:
+        pid = int(raw.strip())
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The argv of process ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    if not raw:
+        return None  # a zombie or a kernel thread
+    return [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]
+
+
+def state(pid: int) -> str | None:
+    """The one-letter scheduler state of ``pid`` (R, S, T, Z ...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain anything; the state follows it.
+    close = raw.rfind(b")")
+    if close < 0 or close + 2 >= len(raw):
+        return None
+    return raw[close + 2:close + 3].decode("ascii", "replace")
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    current = state(pid)
+    return current is not None and current not in ("Z", "X")
+
+
+def runs_instance(pid: int, name: str, pidfile: str) -> bool:
+    """Whether ``pid`` is a live QEMU started for instance ``name`` with ``pidfile``.
+
+    A PID from a stale pidfile may have been reused by an unrelated process;
+    only a process whose command line names this instance and this pidfile
+    counts.
+    """
+    if not is_alive(pid):
+        return False
+    argv = cmdline(pid)
+    if not argv:
+        return False
+    return _option_value(argv, "-name") == name and _option_value(argv, "-pidfile") == pidfile
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    try:
+        return argv[argv.index(option) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def signal_pid(pid: int, signum: int) -> bool:
+    """Send ``signum``; False if the process is already gone."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    except OSError as err:
+        if err.errno == errno.ESRCH:
+            return False
+        raise
+    return True
+
+
+def wait_gone(pid: int, timeout: float, interval: float = 0.005) -> bool:
+    """Wait until ``pid`` has exited (or is a zombie); True if it did within ``timeout``.
+
+    The poll interval grows from 5 ms to 50 ms, so a quick exit is seen at
+    once and a slow one costs little CPU.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        _reap(pid)
+        if not is_alive(pid):
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(interval, remaining))
+        interval = min(interval * 1.5, 0.05)
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it happens to be our child, so it does not stay a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def terminate(pid: int, term_timeout: float = 10.0, kill_timeout: float = 10.0) -> bool:
+    """SIGTERM, then SIGKILL after ``term_timeout``; True once the process is gone."""
+    if not signal_pid(pid, signal.SIGTERM):
+        return True
+    # A stopped (SIGSTOP) process would hold the SIGTERM pending forever;
+    # continue it so it can act on the signal.
+    signal_pid(pid, signal.SIGCONT)
+    if wait_gone(pid, term_timeout):
+        return True
+    signal_pid(pid, signal.SIGKILL)
+    return wait_gone(pid, kill_timeout)

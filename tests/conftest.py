@@ -1,0 +1,112 @@
+"""Shared fixtures: the real QEMU binaries, socat, short run directories and a reaper.
+
+Real-QEMU tests take the ``qemu_bin`` fixture, which runs them once per QEMU
+version.  Outside CI a missing binary skips the test; with CI=true it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+CACHE_DIR = os.environ.get("GANETI_KVM_CACHE", "/var/cache/ganeti-kvm")
+QEMU_BINARIES = {
+    "7.2": os.environ.get("GANETI_KVM_QEMU72", "/usr/bin/qemu-system-x86_64"),
+    "10.0": os.environ.get("GANETI_KVM_QEMU10",
+                           os.path.join(CACHE_DIR, "qemu-10.0", "qemu-system-x86_64")),
+}
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(path: str, what: str) -> str:
+    """Return ``path`` if it is an executable; skip (fail in CI) otherwise."""
+    if os.access(path, os.X_OK):
+        return path
+    message = f"{what} not found at {path}; run 'make setup'"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(params=sorted(QEMU_BINARIES), ids=lambda v: f"qemu{v}")
+def qemu_bin(request: pytest.FixtureRequest) -> str:
+    """Path of one real QEMU binary; the test runs once per supported version."""
+    return require(QEMU_BINARIES[request.param], f"QEMU {request.param}")
+
+
+@pytest.fixture(scope="session")
+def qemu72() -> str:
+    return require(QEMU_BINARIES["7.2"], "QEMU 7.2")
+
+
+@pytest.fixture(scope="session")
+def qemu10() -> str:
+    return require(QEMU_BINARIES["10.0"], "QEMU 10.0")
+
+
+@pytest.fixture(scope="session")
+def socat_bin() -> str:
+    return require(shutil.which("socat") or "/usr/bin/socat", "socat")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A fresh directory with a short path (unix socket paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="gk-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Reaper:
+    """Remembers PIDs a test started and kills whatever is still alive at teardown."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def add(self, pid: int) -> int:
+        self.pids.append(pid)
+        return pid
+
+    def add_pidfile(self, path: str) -> None:
+        try:
+            with open(path, encoding="ascii") as handle:
+                self.add(int(handle.read().strip()))
+        except (OSError, ValueError):
+            pass
+
+    def reap(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.01)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Kill every registered process when the test ends, passed or failed."""
+    r = Reaper()
+    try:
+        yield r
+    finally:
+        r.reap()

@@ -1,0 +1,97 @@
+"""Helpers for tests that run real instances: parameters, serial readers, cleanup."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from ganeti_kvm import objects, paths, process
+from ganeti_kvm import constants as c
+
+
+def guest_hvparams(qemu_bin: str, guest: Any, **overrides: Any) -> dict[str, Any]:
+    """Parameters that boot the tiny test guest under TCG with a serial console."""
+    hvp = dict(c.HVC_DEFAULTS[c.HT_KVM])
+    hvp.update(kvm_path=qemu_bin, kernel_path=guest.kernel, initrd_path=guest.initrd,
+               root_path="/dev/vda1", kernel_args="panic=-1 quiet", kvm_flag="disabled",
+               serial_console=True)
+    hvp.update(overrides)
+    return hvp
+
+
+def make_instance(name: str, hvparams: dict[str, Any], memory: int = 128, vcpus: int = 1,
+                  nics: list | None = None, tags: list | None = None,
+                  network_port: int | None = None) -> objects.Instance:
+    return objects.Instance(name=name, primary_node="node1", hvparams=hvparams,
+                            beparams={"memory": memory, "vcpus": vcpus}, nics=nics or [],
+                            tags=tags or [], network_port=network_port)
+
+
+class SerialReader:
+    """Reads the serial socket of an instance, collecting every line."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.setblocking(False)
+        self.text = ""
+
+    def read_until(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Read until ``pattern`` (a regex) matches the collected text."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            match = regex.search(self.text)
+            if match:
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{pattern!r} not seen within {timeout} s; got:\n"
+                                     f"{self.text[-3000:]}")
+            ready, _, _ = select.select([self.sock], [], [], min(remaining, 0.5))
+            if ready:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise AssertionError(f"serial closed before {pattern!r}; got:\n"
+                                         f"{self.text[-3000:]}")
+                self.text += data.decode("utf-8", "replace").replace("\r", "")
+
+    def send(self, data: str) -> None:
+        self.sock.setblocking(True)
+        self.sock.sendall(data.encode())
+        self.sock.setblocking(False)
+
+    def counters(self) -> list[int]:
+        return [int(n) for n in re.findall(r"COUNTER (\d+)", self.text)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def kill_instances(run_dir: str) -> None:
+    """SIGKILL every QEMU that really runs an instance under ``run_dir``."""
+    layout = paths.RunDir(run_dir)
+    try:
+        names = os.listdir(layout.pid_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        pidfile = os.path.join(layout.pid_dir, name)
+        pid = process.read_pidfile(pidfile)
+        if pid and process.runs_instance(pid, name, pidfile):
+            process.signal_pid(pid, signal.SIGCONT)
+            process.signal_pid(pid, signal.SIGKILL)
+            process.wait_gone(pid, 10)
