@@ -184,6 +184,8 @@ def _socket_chardev(chardev_id: str, path: str) -> str:
 def _monitors(paths: InstancePaths) -> list[str]:
     return ["-chardev", _socket_chardev("qmp", paths.qmp_socket),
             "-mon", "chardev=qmp,mode=control",
+            "-chardev", _socket_chardev("qmpl", paths.qmp_long_socket),
+            "-mon", "chardev=qmpl,mode=control",
             "-chardev", _socket_chardev("hmp", paths.monitor_socket),
             "-mon", "chardev=hmp,mode=readline"]
 

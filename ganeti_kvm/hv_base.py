@@ -196,7 +196,8 @@ class BaseHypervisor:
     def _unsupported(self, what: str) -> errors.HypervisorError:
         return errors.HypervisorError(f"{type(self).__name__} does not support {what}")
 
-    def StartInstance(self, instance: Any, block_devices: Any, startup_paused: bool = False) -> None:
+    def StartInstance(self, instance: Any, block_devices: Any,
+                      startup_paused: bool = False) -> None:
         raise self._unsupported("StartInstance")
 
     def StopInstance(self, instance: Any, force: bool = False, retry: bool = False,

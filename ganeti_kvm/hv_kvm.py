@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from ganeti_kvm import cmdline, errors, hv_base, objects, paths, qemu_caps, validation
+from ganeti_kvm import cmdline, errors, hv_base, migration, objects, paths, validation
 from ganeti_kvm import constants as c
 from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
 
@@ -232,3 +231,38 @@ class KVMHypervisor(hv_base.BaseHypervisor):
                                        message=f"No serial shell for instance {name}")
 
     # --- migration (see ganeti_kvm.migration) ----------------------------------------
+
+    def MigrationInfo(self, instance: Any) -> str:
+        """The serialized runtime record of the running instance, for its target."""
+        return migration.migration_info(self.node, paths.check_instance_name(
+            _attr(instance, "name")))
+
+    def AcceptInstance(self, instance: Any, info: str, target: str) -> None:
+        """Start QEMU waiting for ``instance`` with ``-incoming tcp:TARGET:PORT``.
+
+        TAP devices are opened now; the ifup hook runs in FinalizeMigration.
+        """
+        migration.accept(self.node, paths.check_instance_name(_attr(instance, "name")),
+                         info, target)
+
+    def MigrateInstance(self, instance: Any, target: str, live: bool,
+                        timeout: float | None = None,
+                        progress: Any = None) -> None:
+        """Migrate the instance to ``target``; returns once it runs there.
+
+        ``timeout`` overrides the time limit derived from RAM size and
+        bandwidth; ``progress`` is called with a
+        :class:`~ganeti_kvm.migration.MigrationStatus` while it runs.
+        """
+        migration.migrate(self.node, paths.check_instance_name(_attr(instance, "name")),
+                          target, live, limit=timeout, progress=progress)
+
+    def FinalizeMigration(self, instance: Any, info: str, success: bool) -> None:
+        """On the target: run the ifup hooks and continue, or stop and clean up."""
+        migration.finalize(self.node, paths.check_instance_name(_attr(instance, "name")),
+                           info, success)
+
+    def GetMigrationStatus(self, instance: Any) -> dict[str, Any]:
+        """The state and progress of the instance's migration (bytes and QEMU's report)."""
+        name = paths.check_instance_name(_attr(instance, "name"))
+        return migration.status(self.node, name).to_dict()

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,18 +156,15 @@ class KvmNode:
             self._remove_leftovers(paths)
             undo = _StartUndo()
             try:
-                uid = self._request_uid(spec, undo)
-                argv = cmdline.build_argv(
-                    cmdline.MachineSpec(name=spec.name, memory=spec.memory, vcpus=spec.vcpus,
-                                        uuid=spec.uuid, network_port=spec.network_port,
-                                        run_as=self._run_as(spec.hvparams, uid)),
-                    spec.disks, spec.hvparams, caps, paths)
+                uid = self._request_uid(spec.name, spec.hvparams, undo)
                 record = runtime.RuntimeRecord(
-                    name=spec.name, argv=argv, nics=[dict(n) for n in spec.nics],
+                    name=spec.name, argv=[], nics=[dict(n) for n in spec.nics],
                     hvparams=dict(spec.hvparams),
                     beparams={c.BE_MEMORY: spec.memory, c.BE_VCPUS: spec.vcpus},
                     disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags), uid=uid,
-                    qemu_version=list(caps.version))
+                    qemu_version=list(caps.version), uuid=spec.uuid,
+                    network_port=spec.network_port)
+                record.argv = self.build_argv(record, caps, paths)
                 runtime.save(paths.runtime_file, record)
                 undo.push("remove runtime record",
                           lambda: fsutil.remove_file(paths.runtime_file))
@@ -178,12 +174,32 @@ class KvmNode:
                 raise
             undo.forget()
 
+    def build_argv(self, record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps,
+                   paths: InstancePaths) -> list[str]:
+        """The command line of ``record`` on this node (its paths, its uid)."""
+        spec = cmdline.MachineSpec(
+            name=record.name, memory=int(record.beparams[c.BE_MEMORY]),
+            vcpus=int(record.beparams[c.BE_VCPUS]), uuid=record.uuid,
+            network_port=record.network_port,
+            run_as=self._run_as(record.hvparams, record.uid))
+        disks = [cmdline.BlockDevice.from_dict(d) for d in record.disks]
+        return cmdline.build_argv(spec, disks, record.hvparams, caps, paths)
+
     def start_from_record(self, record: runtime.RuntimeRecord, paused: bool = False,
                           incoming: str | None = None, run_ifup: bool = True) -> None:
-        """Start QEMU again from a saved record (reboot, migration target). Lock held by caller."""
+        """Start QEMU again from a saved record (reboot, migration target). Lock held by caller.
+
+        The command line is rebuilt from the record's parameters for this
+        node's paths, so a record from another node (a migration) works too;
+        a record upgraded from the 2011 format keeps its command line.
+        """
         paths = self.paths(record.name)
         undo = _StartUndo()
         try:
+            record.uid = self._request_uid(record.name, record.hvparams, undo)
+            if record.upgraded_from is None:
+                caps = self.caps(record.hvparams[c.HV_KVM_PATH])
+                record.argv = self.build_argv(record, caps, paths)
             runtime.save(paths.runtime_file, record)
             undo.push("remove runtime record", lambda: fsutil.remove_file(paths.runtime_file))
             self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
@@ -192,13 +208,13 @@ class KvmNode:
             raise
         undo.forget()
 
-    def _request_uid(self, spec: InstanceSpec, undo: _StartUndo) -> int | None:
-        if spec.hvparams[c.HV_SECURITY_MODEL] != c.HT_SM_POOL:
+    def _request_uid(self, name: str, hvparams: Mapping[str, Any],
+                     undo: _StartUndo) -> int | None:
+        """A uid from this node's pool for security model ``pool``, else None."""
+        if hvparams.get(c.HV_SECURITY_MODEL) != c.HT_SM_POOL:
             return None
-        from ganeti_kvm import uidpool
-
         pool = self._uid_pool()
-        uid = pool.request(spec.name)
+        uid = pool.request(name)
         undo.push(f"release uid {uid}", lambda: pool.release(uid))
         return uid
 
@@ -417,11 +433,6 @@ class KvmNode:
                     f"{paths.runtime_file}")
             self._stop_locked(name, paths, bool(record.hvparams.get(c.HV_ACPI)), False,
                               acpi_timeout)
-            if record.uid is not None:
-                # The stop released the uid; take one again for the new process.
-                pool = self._uid_pool()
-                record.uid = pool.request(name)
-                record.argv = _replace_run_as(record.argv, record.uid)
             self.start_from_record(record, paused=False)
 
     # --- listing -------------------------------------------------------------
@@ -495,19 +506,6 @@ class _NicView:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _replace_run_as(argv: list[str], uid: int) -> list[str]:
-    """Put a new pool uid into a recorded command line."""
-    result = list(argv)
-    for index, arg in enumerate(result[:-1]):
-        if arg == "-runas":
-            result[index + 1] = f"{uid}:{uid}"
-        elif arg == "-run-with":
-            parts = [f"user={uid}:{uid}" if p.startswith("user=") else p
-                     for p in result[index + 1].split(",")]
-            result[index + 1] = ",".join(parts)
-    return result
 
 
 def _memory_vcpus(argv: Sequence[str]) -> tuple[int, int]:

@@ -109,6 +109,13 @@ class InstancePaths:
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".qmp")
 
     @property
+    def qmp_long_socket(self) -> str:
+        """A second QMP monitor for long operations (migration), so that the
+        short calls on :attr:`qmp_socket` are never queued behind them: a QMP
+        socket serves one client at a time."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".qmpl")
+
+    @property
     def monitor_socket(self) -> str:
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".monitor")
 
@@ -134,4 +141,5 @@ class InstancePaths:
 
     def runtime_files(self) -> list[str]:
         """Files that a stopped instance may leave behind."""
-        return [self.pidfile, self.qmp_socket, self.monitor_socket, self.serial_socket]
+        return [self.pidfile, self.qmp_socket, self.qmp_long_socket, self.monitor_socket,
+                self.serial_socket]

@@ -38,6 +38,8 @@ class RuntimeRecord:
     tags: list[str] = field(default_factory=list)
     uid: int | None = None
     qemu_version: list[int] = field(default_factory=list)
+    uuid: str | None = None
+    network_port: int | None = None
     upgraded_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +56,8 @@ class RuntimeRecord:
             "tags": list(self.tags),
             "uid": self.uid,
             "qemu_version": list(self.qemu_version),
+            "uuid": self.uuid,
+            "network_port": self.network_port,
         }
 
     def serialize(self) -> str:
@@ -101,7 +105,8 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
             hvparams=dict(data.get("hvparams") or {}),
             beparams=dict(data.get("beparams") or {}),
             disks=list(data.get("disks") or []), tags=list(data.get("tags") or []),
-            uid=data.get("uid"), qemu_version=list(data.get("qemu_version") or []))
+            uid=data.get("uid"), qemu_version=list(data.get("qemu_version") or []),
+            uuid=data.get("uuid"), network_port=data.get("network_port"))
     except (TypeError, ValueError) as err:
         raise bad(str(err)) from err
 

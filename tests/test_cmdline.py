@@ -55,6 +55,8 @@ def test_golden_kernel_boot_with_serial_console() -> None:
         "-m", "256", "-smp", "2",
         "-chardev", "socket,id=qmp,path=/run/gk/ctrl/web1.qmp,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        "-chardev", "socket,id=qmpl,path=/run/gk/ctrl/web1.qmpl,server=on,wait=off",
+        "-mon", "chardev=qmpl,mode=control",
         "-chardev", "socket,id=hmp,path=/run/gk/ctrl/web1.monitor,server=on,wait=off",
         "-mon", "chardev=hmp,mode=readline",
         "-drive", "file=/dev/vg/web1-disk0,format=raw,if=none,id=disk0",

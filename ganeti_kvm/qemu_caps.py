@@ -1,0 +1,691 @@
+"""What a QEMU binary can do, probed once per binary and answered by name.
+
+The rest of the library never compares QEMU versions to decide how to spell
+an option; it asks a :class:`QemuCaps` (``caps.has_run_with_user``,
+``caps.has_device("virtio-net-pci")``, ...).  :func:`probe` builds one by
+running the binary's help commands (``-version``, ``-help``,
+``-machine help``, ``-device help``, ``-accel help``, ``-netdev help``)
+concurrently, and caches the answer twice:
+
+* in this process, keyed by the binary's real path and ``stat`` identity, so
+  a repeated call with an unchanged binary runs no process at all;
+* optionally in a JSON file under ``cache_dir``, so that other processes on
+  the node (every ``gnt-instance`` call is a new process) run no probe either.
+
+Everything that turns QEMU's output into data is a pure function
+(``parse_*``) and is tested against the real help texts of QEMU 7.2 and 10.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ganeti_kvm import errors, fsutil
+
+logger = logging.getLogger(__name__)
+
+#: Seconds one uncached probe may take in total before the binary is declared broken.
+PROBE_TIMEOUT = 20.0
+
+#: Format of the on-disk cache document.  Bump it whenever a parser changes
+#: what it extracts, so that caches written by an older library are re-probed.
+CACHE_FORMAT = 1
+CACHE_KIND = "ganeti-kvm-qemu-caps"
+CACHE_PREFIX = "qemu-caps-"
+
+#: The probe invocations: name -> arguments after the binary.  Every one of
+#: them prints and exits before QEMU creates a machine, so no VM, display,
+#: accelerator or default device is ever set up and no flags such as
+#: ``-machine none`` are needed.
+PROBE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "version": ("-version",),
+    "help": ("-help",),
+    "machine": ("-machine", "help"),
+    "device": ("-device", "help"),
+    "accel": ("-accel", "help"),
+    "netdev": ("-netdev", "help"),
+}
+
+_VERSION_RE = re.compile(r"\bversion\s+(\d+)\.(\d+)(?:\.(\d+))?")
+# An option line: a dash at column 0 followed by the option name.
+_OPTION_RE = re.compile(r"-([A-Za-z0-9][A-Za-z0-9_.-]*)")
+# Further names of the same entry: "-h or -help", "-fda/-fdb file".
+_ALIAS_RE = re.compile(r"(?:/|\s+or\s+)-([A-Za-z0-9][A-Za-z0-9_.-]*)")
+# A key of a "[key=value][,key=value]" synopsis; "uid:gid" or "<file>" are not keys.
+_SYNOPSIS_KEY_RE = re.compile(r"(?:^|[\s\[,{|])([A-Za-z][A-Za-z0-9_.-]*)=")
+# A description line that documents one key: "chroot=dir chroot to dir ...".
+_DESCRIPTION_KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)=\S")
+_DEVICE_NAME_RE = re.compile(r'^name\s+"([^"]+)"')
+_DEVICE_ALIAS_RE = re.compile(r'\balias\s+"([^"]+)"')
+_MACHINE_ALIAS_RE = re.compile(r"\(alias of ([^\s)]+)\)")
+_MACHINE_DEFAULT_RE = re.compile(r"\(default\)")
+_WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+# --- the capabilities -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuCaps:
+    """The capabilities of one QEMU binary, as reported by its help output.
+
+    Ask by name (``has_option``, ``has_device``, the ``has_*`` properties)
+    rather than by version: distributions backport and remove features.
+    """
+
+    path: str
+    version: tuple[int, int, int]
+    version_text: str
+    options: frozenset[str]
+    run_with_keys: frozenset[str] = frozenset()
+    machines: frozenset[str] = frozenset()
+    default_machine: str | None = None
+    machine_aliases: tuple[tuple[str, str], ...] = ()
+    devices: frozenset[str] = frozenset()
+    accels: frozenset[str] = frozenset()
+    netdevs: frozenset[str] = frozenset()
+    tap_vhost: bool = False
+
+    # --- generic questions -----------------------------------------------------------------
+
+    def has_option(self, name: str) -> bool:
+        """Whether the binary accepts the top-level option ``name`` (with or without dash)."""
+        return name.lstrip("-") in self.options
+
+    def has_device(self, name: str) -> bool:
+        """Whether ``-device name`` names a device model (or alias) of this binary."""
+        return name in self.devices
+
+    def has_machine(self, name: str) -> bool:
+        """Whether ``-machine name`` names a machine type (or alias such as ``pc``)."""
+        return name in self.machines
+
+    def has_accel(self, name: str) -> bool:
+        """Whether the accelerator ``name`` (``kvm``, ``tcg``) is compiled in."""
+        return name in self.accels
+
+    def has_netdev_backend(self, name: str) -> bool:
+        """Whether ``-netdev name,...`` names a network backend type (``tap``, ``bridge``)."""
+        return name in self.netdevs
+
+    def resolve_machine(self, name: str) -> str:
+        """The versioned machine type behind an alias (``pc`` -> ``pc-i440fx-7.2``).
+
+        Names that are not aliases come back unchanged.  Migration pins the
+        resolved name so that the destination emulates the same machine.
+        """
+        return dict(self.machine_aliases).get(name, name)
+
+    # --- named options the driver asks about --------------------------------------------------
+
+    @property
+    def has_run_with(self) -> bool:
+        """Whether ``-run-with`` exists (QEMU >= 9.0)."""
+        return "run-with" in self.options
+
+    @property
+    def has_run_with_user(self) -> bool:
+        """Whether ``-run-with user=`` can drop privileges (replaces ``-runas``)."""
+        return self.has_run_with and "user" in self.run_with_keys
+
+    @property
+    def has_run_with_chroot(self) -> bool:
+        """Whether ``-run-with chroot=`` exists (replaces ``-chroot``)."""
+        return self.has_run_with and "chroot" in self.run_with_keys
+
+    @property
+    def has_runas(self) -> bool:
+        """Whether the old ``-runas user`` option exists (removed in QEMU 9.1)."""
+        return "runas" in self.options
+
+    @property
+    def has_chroot(self) -> bool:
+        """Whether the old ``-chroot dir`` option exists (removed in QEMU 9.1)."""
+        return "chroot" in self.options
+
+    @property
+    def has_no_acpi(self) -> bool:
+        """Whether ``-no-acpi`` exists (removed in QEMU 9.0; use ``-machine acpi=off``)."""
+        return "no-acpi" in self.options
+
+    @property
+    def has_rtc(self) -> bool:
+        """Whether ``-rtc`` exists (the replacement of ``-localtime``)."""
+        return "rtc" in self.options
+
+    @property
+    def has_localtime(self) -> bool:
+        """Whether the ancient ``-localtime`` option exists."""
+        return "localtime" in self.options
+
+    @property
+    def has_netdev(self) -> bool:
+        """Whether the ``-netdev`` option exists (the replacement of ``-net``)."""
+        return "netdev" in self.options
+
+    @property
+    def has_display(self) -> bool:
+        """Whether ``-display`` exists."""
+        return "display" in self.options
+
+    @property
+    def has_usbdevice(self) -> bool:
+        """Whether the legacy ``-usbdevice`` option exists."""
+        return "usbdevice" in self.options
+
+    # --- serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict (sets become sorted lists); inverse of :meth:`from_dict`."""
+        return {
+            "path": self.path,
+            "version": list(self.version),
+            "version_text": self.version_text,
+            "options": sorted(self.options),
+            "run_with_keys": sorted(self.run_with_keys),
+            "machines": sorted(self.machines),
+            "default_machine": self.default_machine,
+            "machine_aliases": [list(pair) for pair in self.machine_aliases],
+            "devices": sorted(self.devices),
+            "accels": sorted(self.accels),
+            "netdevs": sorted(self.netdevs),
+            "tap_vhost": self.tap_vhost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QemuCaps:
+        """Rebuild capabilities from :meth:`to_dict` output.
+
+        Raises :class:`ValueError` when the data is incomplete or mistyped
+        (a damaged cache file), so the caller can probe again.
+        """
+        try:
+            version = tuple(int(part) for part in data["version"])
+            if len(version) != 3:
+                raise ValueError(f"version must have three parts, not {data['version']!r}")
+            aliases = tuple((_text(a), _text(b)) for a, b in data.get("machine_aliases", ()))
+            default = data.get("default_machine")
+            return cls(
+                path=_text(data["path"]),
+                version=(version[0], version[1], version[2]),
+                version_text=_text(data["version_text"]),
+                options=_names(data["options"]),
+                run_with_keys=_names(data.get("run_with_keys", ())),
+                machines=_names(data.get("machines", ())),
+                default_machine=None if default is None else _text(default),
+                machine_aliases=aliases,
+                devices=_names(data.get("devices", ())),
+                accels=_names(data.get("accels", ())),
+                netdevs=_names(data.get("netdevs", ())),
+                tap_vhost=_flag(data.get("tap_vhost", False)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"Invalid QEMU capabilities record: {err!r}") from err
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {value!r}")
+    return value
+
+
+def _names(values: object) -> frozenset[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"expected a list of names, got {values!r}")
+    return frozenset(_text(value) for value in values)
+
+
+# --- pure parsers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HelpEntry:
+    """One option line of ``qemu -help`` with the lines that belong to it.
+
+    ``synopsis`` is the option line joined with its wrapped syntax
+    continuation lines (those starting with ``[``, ``,``, ``{`` or ``|``);
+    ``description`` holds the indented prose below it.
+    """
+
+    names: tuple[str, ...]
+    synopsis: str
+    description: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The option's first (canonical) name, without the dash."""
+        return self.names[0]
+
+
+def _lines(text: str) -> list[str]:
+    """Lines of ``text`` with Windows/Mac line ends and trailing blanks removed."""
+    return [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """The ``(major, minor, micro)`` version from ``qemu -version`` output.
+
+    Raises :class:`ValueError` if the text holds no version number.
+    """
+    match = _VERSION_RE.search(text)
+    if match is None:
+        raise ValueError(f"No QEMU version number in {text.strip()[:200]!r}")
+    major, minor, micro = match.groups()
+    return int(major), int(minor), int(micro or 0)
+
+
+def version_line(text: str) -> str:
+    """The first non-empty line of ``qemu -version`` output (what a human would quote)."""
+    for line in _lines(text):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def parse_help_entries(text: str) -> tuple[HelpEntry, ...]:
+    """Split ``qemu -help`` output into one :class:`HelpEntry` per option line.
+
+    An entry starts at a line with a dash in column 0.  Indented lines
+    continue the current entry: they are never options themselves, even if
+    they start with ``-`` after the indentation (QEMU 10.2 wraps long lines
+    this way).  Blank lines and unindented text (section headers such as
+    ``Network options:``, notes, the key binding table) end the current
+    entry and are otherwise ignored.  An option that appears on several lines
+    (``-netdev user,...``, ``-netdev tap,...``) yields several entries.
+    """
+    entries: list[HelpEntry] = []
+    names: tuple[str, ...] = ()
+    synopsis: list[str] = []
+    description: list[str] = []
+
+    def flush() -> None:
+        if names:
+            entries.append(HelpEntry(names, " ".join(synopsis), tuple(description)))
+
+    for line in _lines(text):
+        if line[:1] == "-":
+            match = _OPTION_RE.match(line)
+            flush()
+            names, synopsis, description = (), [], []
+            if match is None:
+                continue
+            found = [match.group(1)]
+            rest = line[match.end():]
+            while alias := _ALIAS_RE.match(rest):
+                found.append(alias.group(1))
+                rest = rest[alias.end():]
+            names = tuple(found)
+            synopsis = [line.strip()]
+        elif line[:1] in (" ", "\t"):
+            if not names:
+                continue
+            stripped = line.strip()
+            if not description and stripped[:1] in ("[", ",", "{", "|"):
+                synopsis.append(stripped)
+            else:
+                description.append(stripped)
+        else:
+            flush()
+            names, synopsis, description = (), [], []
+    flush()
+    return tuple(entries)
+
+
+def parse_help_options(text: str) -> frozenset[str]:
+    """The names of all top-level options in ``qemu -help`` output, without the dash."""
+    return frozenset(name for entry in parse_help_entries(text) for name in entry.names)
+
+
+def parse_option_keys(help_text: str, option: str, kind: str | None = None) -> frozenset[str]:
+    """The ``key=`` sub-options documented for ``-option`` in ``qemu -help`` output.
+
+    Keys come from the synopsis (including wrapped continuation lines, and
+    tolerating QEMU's occasional missing comma as in
+    ``[,chroot=dir][user=...]``) and from description lines that start with
+    ``key=``.  With ``kind`` (e.g. ``"tap"`` for ``-netdev tap,...``) only
+    the entries whose synopsis starts with ``-option kind`` count.
+    """
+    option = option.lstrip("-")
+    keys: set[str] = set()
+    for entry in parse_help_entries(help_text):
+        if option not in entry.names:
+            continue
+        body = entry.synopsis.split(None, 1)[1] if " " in entry.synopsis else ""
+        if kind is not None and re.split(r"[,\s\[]", body, maxsplit=1)[0] != kind:
+            continue
+        keys.update(_SYNOPSIS_KEY_RE.findall(body))
+        for line in entry.description:
+            if match := _DESCRIPTION_KEY_RE.match(line):
+                keys.add(match.group(1))
+    return frozenset(keys)
+
+
+def parse_run_with_keys(help_text: str) -> frozenset[str]:
+    """The sub-options of ``-run-with`` (``user``, ``chroot``, ``async-teardown``, ...).
+
+    Empty when the binary has no ``-run-with`` (QEMU < 9.0).
+    """
+    return parse_option_keys(help_text, "run-with")
+
+
+def parse_tap_vhost(help_text: str) -> bool:
+    """Whether the ``tap`` network backend documents ``vhost=on|off``."""
+    return "vhost" in parse_option_keys(help_text, "netdev", kind="tap")
+
+
+def parse_machines(text: str) -> frozenset[str]:
+    """Machine type names from ``qemu -machine help`` output, aliases (``pc``) included."""
+    return frozenset(name for name, _ in _machine_rows(text))
+
+
+def parse_machine_aliases(text: str) -> tuple[tuple[str, str], ...]:
+    """``(alias, machine)`` pairs from ``-machine help``, e.g. ``("pc", "pc-i440fx-7.2")``."""
+    pairs = []
+    for name, rest in _machine_rows(text):
+        if match := _MACHINE_ALIAS_RE.search(rest):
+            pairs.append((name, match.group(1)))
+    return tuple(sorted(pairs))
+
+
+def parse_default_machine(text: str) -> str | None:
+    """The machine type marked ``(default)`` in ``-machine help``, if any."""
+    for name, rest in _machine_rows(text):
+        if _MACHINE_DEFAULT_RE.search(rest):
+            return name
+    return None
+
+
+def _machine_rows(text: str) -> list[tuple[str, str]]:
+    rows = []
+    for line in _lines(text):
+        if not line or line[:1].isspace() or line.endswith(":"):
+            continue  # blank, wrapped, or a header ("Supported machines are:")
+        name, _, rest = line.partition(" ")
+        if _WORD_RE.match(name):
+            rows.append((name, rest))
+    return rows
+
+
+def parse_devices(text: str) -> frozenset[str]:
+    """Device model names and their aliases from ``qemu -device help`` output."""
+    devices: set[str] = set()
+    for line in _lines(text):
+        line = line.strip()
+        if match := _DEVICE_NAME_RE.match(line):
+            devices.add(match.group(1))
+            devices.update(_DEVICE_ALIAS_RE.findall(line[match.end():]))
+    return frozenset(devices)
+
+
+def parse_accels(text: str) -> frozenset[str]:
+    """Accelerator names (``kvm``, ``tcg``) from ``qemu -accel help`` output."""
+    return _parse_word_list(text)
+
+
+def parse_netdevs(text: str) -> frozenset[str]:
+    """Network backend types (``tap``, ``user``, ``bridge``) from ``qemu -netdev help``."""
+    return _parse_word_list(text)
+
+
+def _parse_word_list(text: str) -> frozenset[str]:
+    """One bare word per line after a ``...:`` header; headers and prose are skipped."""
+    words = set()
+    for line in _lines(text):
+        word = line.strip()
+        if word and not word.endswith(":") and _WORD_RE.match(word):
+            words.add(word)
+    return frozenset(words)
+
+
+def build_caps(path: str, outputs: Mapping[str, str]) -> QemuCaps:
+    """Assemble :class:`QemuCaps` from the outputs of :data:`PROBE_COMMANDS`.
+
+    ``outputs`` maps the command names (``"version"``, ``"help"``, ...) to
+    their standard output; missing optional ones count as empty.  Raises
+    :class:`ValueError` when the version cannot be read.
+    """
+    version_text = outputs.get("version") or outputs.get("help", "")
+    help_text = outputs.get("help", "")
+    machine_text = outputs.get("machine", "")
+    return QemuCaps(
+        path=path,
+        version=parse_version(version_text),
+        version_text=version_line(version_text),
+        options=parse_help_options(help_text),
+        run_with_keys=parse_run_with_keys(help_text),
+        machines=parse_machines(machine_text),
+        default_machine=parse_default_machine(machine_text),
+        machine_aliases=parse_machine_aliases(machine_text),
+        devices=parse_devices(outputs.get("device", "")),
+        accels=parse_accels(outputs.get("accel", "")),
+        netdevs=parse_netdevs(outputs.get("netdev", "")),
+        tap_vhost=parse_tap_vhost(help_text),
+    )
+
+
+# --- probing (side effects) ------------------------------------------------------------------
+
+# The identity of a binary: (realpath, st_dev, st_ino, st_size, st_mtime_ns).
+#
+# Note: for a wrapper script (such as the QEMU 10.0 wrapper that execs a
+# binary elsewhere with -L/module-dir settings) this is the identity of the
+# *script*; upgrading the binary behind it without touching the script is
+# not noticed.  Resolving the real binary would mean parsing the script, so
+# whoever replaces the binary behind a wrapper must touch the wrapper (or
+# delete the cache files).  A symlink such as /usr/bin/kvm is resolved, so it
+# shares its entry with the binary it points to.
+StatKey = tuple[str, int, int, int, int]
+
+_cache: dict[StatKey, QemuCaps] = {}
+_cache_lock = threading.Lock()
+_probe_locks: dict[StatKey, threading.Lock] = {}
+
+
+def clear_cache() -> None:
+    """Forget every in-process probe result (for tests; disk caches are left alone)."""
+    with _cache_lock:
+        _cache.clear()
+        _probe_locks.clear()
+
+
+def stat_key(path: str) -> StatKey:
+    """The cache key of the binary at ``path``; raises :class:`HypervisorError` if it is absent."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as err:
+        raise errors.HypervisorError(f"Cannot probe QEMU binary {path}: {err.strerror}") from err
+    return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def probe(path: str, cache_dir: str | None = None, *,
+          timeout: float = PROBE_TIMEOUT) -> QemuCaps:
+    """The capabilities of the QEMU binary at ``path``, probed at most once.
+
+    A result is reused while the binary's real path, device, inode, size and
+    mtime stay the same: first from this process's memory (no process, no
+    file read), then from ``cache_dir``'s JSON file if given (so that other
+    processes skip the probe too).  An unreadable or stale cache file is
+    ignored and rewritten.  Raises :class:`~ganeti_kvm.errors.HypervisorError`
+    when the binary is missing, not executable, fails, or times out.
+    """
+    key = stat_key(path)
+    with _cache_lock:
+        caps = _cache.get(key)
+        if caps is None:
+            lock = _probe_locks.setdefault(key, threading.Lock())
+    if caps is not None:
+        return _with_path(caps, path)
+    # One probe per binary at a time; other threads wait and reuse its result.
+    with lock:
+        with _cache_lock:
+            caps = _cache.get(key)
+        if caps is not None:
+            return _with_path(caps, path)
+        caps = _read_disk_cache(cache_dir, key) if cache_dir else None
+        if caps is None:
+            caps = _probe_binary(path, timeout)
+            if cache_dir:
+                _write_disk_cache(cache_dir, key, caps)
+        with _cache_lock:
+            _cache[key] = caps
+    return _with_path(caps, path)
+
+
+def _with_path(caps: QemuCaps, path: str) -> QemuCaps:
+    """``caps`` as seen through ``path`` (a symlink shares the entry of its target)."""
+    return caps if caps.path == path else dataclasses.replace(caps, path=path)
+
+
+def _probe_binary(path: str, timeout: float) -> QemuCaps:
+    """Run all :data:`PROBE_COMMANDS` concurrently and parse their output."""
+    started = time.monotonic()
+    outputs = run_probe_commands(path, PROBE_COMMANDS, timeout)
+    try:
+        caps = build_caps(path, outputs)
+    except ValueError as err:
+        raise errors.HypervisorError(
+            f"Cannot probe QEMU binary {path}: {path} -version printed no version: {err}") from err
+    logger.info("Probed %s: QEMU %s, %d options, %d devices in %.3f s", path,
+                ".".join(map(str, caps.version)), len(caps.options), len(caps.devices),
+                time.monotonic() - started)
+    return caps
+
+
+def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],
+                       timeout: float = PROBE_TIMEOUT) -> dict[str, str]:
+    """Run ``path`` once per entry of ``commands`` (all at once) and return their stdout.
+
+    Each command is an argv list (never a shell) run with ``LC_ALL=C`` and
+    stdin from ``/dev/null``.  All of them share one deadline of
+    ``timeout`` seconds.  Any failure to start, non-zero exit or timeout
+    raises :class:`~ganeti_kvm.errors.HypervisorError` naming the binary,
+    the command and QEMU's stderr; the remaining processes are killed.
+    """
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    deadline = time.monotonic() + timeout
+    running: dict[str, tuple[list[str], subprocess.Popen[bytes]]] = {}
+    try:
+        for name, args in commands.items():
+            argv = [path, *args]
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env, close_fds=True)
+            except OSError as err:
+                raise errors.HypervisorError(
+                    f"Cannot probe QEMU binary {path}: running {_show(argv)} failed: "
+                    f"{err.strerror or err}") from err
+            running[name] = (argv, proc)
+        outputs = {}
+        for name, (argv, proc) in list(running.items()):
+            try:
+                out, err_out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise errors.HypervisorError(
+                    f"Cannot probe QEMU binary {path}: {_show(argv)} did not finish "
+                    f"within {timeout:g} s") from None
+            del running[name]
+            stderr = err_out.decode("utf-8", "replace").strip()
+            if proc.returncode != 0:
+                raise errors.HypervisorError(
+                    f"Cannot probe QEMU binary {path}: {_show(argv)} exited with "
+                    f"{_exit_text(proc.returncode)}; stderr: {stderr or '(empty)'}")
+            if stderr:
+                logger.debug("%s printed on stderr: %s", _show(argv), stderr)
+            outputs[name] = out.decode("utf-8", "replace")
+        return outputs
+    finally:
+        for _, proc in running.values():
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill and reap a probe process that is no longer wanted."""
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    try:
+        proc.communicate(timeout=5)
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        logger.warning("Probe process %s did not exit after SIGKILL", proc.pid)
+
+
+def _show(argv: Sequence[str]) -> str:
+    return "'" + " ".join(argv) + "'"
+
+
+def _exit_text(returncode: int) -> str:
+    return f"signal {-returncode}" if returncode < 0 else f"status {returncode}"
+
+
+# --- the on-disk cache --------------------------------------------------------------------------
+
+
+def cache_file(cache_dir: str, real_path: str) -> str:
+    """The cache file of the binary whose real path is ``real_path``.
+
+    One file per binary path (not per version), so upgrades overwrite it
+    instead of piling up files.
+    """
+    digest = hashlib.sha256(real_path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{CACHE_PREFIX}{digest}.json")
+
+
+def _key_dict(key: StatKey) -> dict[str, Any]:
+    real, dev, ino, size, mtime_ns = key
+    return {"realpath": real, "dev": dev, "ino": ino, "size": size, "mtime_ns": mtime_ns}
+
+
+def _read_disk_cache(cache_dir: str, key: StatKey) -> QemuCaps | None:
+    """The cached capabilities for ``key``, or ``None`` if absent, stale or damaged."""
+    filename = cache_file(cache_dir, key[0])
+    try:
+        with open(filename, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("Ignoring unreadable QEMU capability cache %s: %s", filename, err)
+        return None
+    if not isinstance(document, dict) or document.get("kind") != CACHE_KIND:
+        logger.warning("Ignoring QEMU capability cache %s: not a capability record", filename)
+        return None
+    if document.get("format") != CACHE_FORMAT or document.get("key") != _key_dict(key):
+        logger.debug("QEMU capability cache %s is stale", filename)
+        return None
+    try:
+        return QemuCaps.from_dict(document["caps"])
+    except (KeyError, TypeError, ValueError) as err:
+        logger.warning("Ignoring damaged QEMU capability cache %s: %s", filename, err)
+        return None
+
+
+def _write_disk_cache(cache_dir: str, key: StatKey, caps: QemuCaps) -> None:
+    """Store ``caps`` atomically (mode 0600); a failure only costs a later re-probe."""
+    filename = cache_file(cache_dir, key[0])
+    document = {"kind": CACHE_KIND, "format": CACHE_FORMAT, "key": _key_dict(key),
+                "caps": caps.to_dict()}
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        fsutil.atomic_write(filename, json.dumps(document, indent=1, sort_keys=True) + "\n",
+                            mode=0o600)
+    except OSError as err:
+        logger.warning("Cannot write QEMU capability cache %s: %s", filename, err)

@@ -1,0 +1,402 @@
+"""A small synchronous client for QEMU's QMP monitor over a unix socket.
+
+QMP is a line-oriented JSON protocol: on connect QEMU sends a greeting
+(``{"QMP": {"version": ..., "capabilities": [...]}}``), the client leaves
+capabilities negotiation mode with ``qmp_capabilities``, then sends commands
+``{"execute": NAME, "arguments": {...}, "id": ID}`` and gets back either
+``{"return": ..., "id": ID}`` or ``{"error": {"class": ..., "desc": ...},
+"id": ID}``.  Asynchronous events (``{"event": NAME, "data": ...,
+"timestamp": ...}``) may arrive at any time, including between a command and
+its reply; they are queued here and handed out by :meth:`QmpClient.wait_event`
+and :meth:`QmpClient.events`.
+
+Every operation is bounded by a timeout: a QEMU that is stopped (SIGSTOP),
+hung, or whose monitor is held by another client (a QMP socket serves one
+client at a time) makes the call fail with :class:`MonitorTimeout` instead of
+blocking the caller.  Only the standard library is used; no subprocess and no
+shell are involved.
+
+The client is not thread-safe: use one instance per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
+
+__all__ = ["QmpClient", "qmp_execute", "DEFAULT_TIMEOUT"]
+
+logger = logging.getLogger(__name__)
+
+#: Default bound, in seconds, of every single QMP operation.
+DEFAULT_TIMEOUT = 10.0
+
+_RECV_SIZE = 65536
+
+
+class QmpClient:
+    """A synchronous QMP connection to one QEMU instance.
+
+    ``path`` is the QMP unix socket (``-qmp unix:PATH,server=on,wait=off``).
+    ``timeout`` bounds every single operation (:meth:`connect`, each
+    :meth:`execute` unless it is given its own timeout).
+
+    The connection is opened by :meth:`connect`, or lazily by the first
+    :meth:`execute`.  Use it as a context manager to be sure it is closed::
+
+        with QmpClient("/run/ganeti/kvm-hypervisor/ctrl/inst1.qmp") as qmp:
+            qmp.connect()
+            status = qmp.execute("query-status")["status"]
+    """
+
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Remember the socket path and the per-operation timeout; connect nothing yet."""
+        if timeout <= 0:
+            raise ValueError(f"QMP timeout must be positive, got {timeout!r}")
+        self.path = path
+        self.timeout = float(timeout)
+        self.greeting: dict[str, Any] | None = None
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._events: deque[dict[str, Any]] = deque()
+        self._eof = False
+        self._limit = self.timeout
+        # Small integer ids: QEMU reads the monitor one byte per main-loop
+        # iteration, so every byte of a request costs a few microseconds.
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------
+    # Connection handling
+
+    @property
+    def connected(self) -> bool:
+        """True while a negotiated connection is open."""
+        return self._sock is not None
+
+    def connect(self) -> dict[str, Any]:
+        """Connect, read the greeting and leave capabilities negotiation mode.
+
+        Returns the greeting's version information, e.g.
+        ``{"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "..."}``
+        (the whole greeting stays available as :attr:`greeting`).  Calling it
+        on an open connection returns the same information again.
+
+        Raises :class:`MonitorError` if the socket is missing or refuses the
+        connection, and :class:`MonitorTimeout` if the greeting or the
+        negotiation does not complete within the timeout.
+        """
+        if self._sock is not None and self.greeting is not None:
+            return dict(self.greeting["QMP"].get("version", {}))
+        self._limit = self.timeout
+        deadline = time.monotonic() + self.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.path)
+            except FileNotFoundError:
+                raise MonitorError(
+                    f"QMP socket {self.path} does not exist; the instance is not running "
+                    "(start it, or check the runtime directory)") from None
+            except ConnectionRefusedError:
+                raise MonitorError(
+                    f"Nothing listens on QMP socket {self.path} (connection refused); "
+                    "QEMU has exited, start the instance again") from None
+            except TimeoutError:
+                raise MonitorTimeout(
+                    f"Connecting to QMP socket {self.path} timed out after "
+                    f"{self.timeout:g}s; QEMU is stopped or hung, check its process") from None
+            except OSError as err:
+                raise MonitorError(
+                    f"Cannot connect to QMP socket {self.path}: {err.strerror or err}; "
+                    "check the path (at most 107 bytes) and its permissions") from None
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._buffer.clear()
+        self._eof = False
+        try:
+            greeting = self._read_message(deadline, "waiting for the QMP greeting")
+            while "QMP" not in greeting:
+                if "event" in greeting:
+                    self._events.append(greeting)
+                    greeting = self._read_message(deadline, "waiting for the QMP greeting")
+                    continue
+                raise MonitorError(
+                    f"QMP socket {self.path} sent {greeting!r} instead of a QMP greeting; "
+                    "check that the path is a QMP (not a human monitor) socket")
+            self.greeting = greeting
+            # A fresh connection has no stale replies: no id needed.
+            self._command("qmp_capabilities", None, deadline, with_id=False)
+        except BaseException:
+            self.close()
+            raise
+        version = greeting["QMP"].get("version", {})
+        logger.debug("Connected to QMP %s: %s", self.path, version)
+        return dict(version)
+
+    def close(self) -> None:
+        """Close the connection; queued events are kept. Safe to call twice."""
+        sock, self._sock = self._sock, None
+        self.greeting = None
+        self._buffer.clear()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover - close on a unix socket does not fail
+                pass
+
+    def __enter__(self) -> QmpClient:
+        """Return the client; the connection opens on first use."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Close the connection."""
+        self.close()
+
+    # ------------------------------------------------------------------
+    # Commands
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                timeout: float | None = None) -> Any:
+        """Run one QMP command and return its ``"return"`` value.
+
+        ``timeout`` (default: the client's) bounds the whole exchange.  Events
+        that arrive before the reply are queued.  Raises
+        :class:`QmpCommandError` when QEMU answers with an error,
+        :class:`MonitorTimeout` when no reply comes in time, and
+        :class:`MonitorError` when the connection fails or closes.
+        """
+        limit = self.timeout if timeout is None else float(timeout)
+        if limit <= 0:
+            raise ValueError(f"QMP timeout must be positive, got {timeout!r}")
+        if self._sock is None:
+            self.connect()
+        self._limit = limit
+        return self._command(command, arguments, time.monotonic() + limit)
+
+    def human_command(self, command_line: str) -> str:
+        """Run a human monitor command (e.g. ``"info status"``) and return its text."""
+        result = self.execute("human-monitor-command", {"command-line": command_line})
+        if not isinstance(result, str):
+            raise MonitorError(
+                f"human-monitor-command {command_line!r} on {self.path} returned "
+                f"{type(result).__name__} instead of text; QEMU's QMP is not what we expect")
+        return result
+
+    def _command(self, command: str, arguments: dict[str, Any] | None,
+                 deadline: float, with_id: bool = True) -> Any:
+        """Send ``command`` and read until its reply or the deadline.
+
+        The id (unique within this client) lets a late reply to an earlier,
+        timed-out command be recognised and dropped.
+        """
+        msg_id = next(self._ids) if with_id else None
+        request: dict[str, Any] = {"execute": command}
+        if msg_id is not None:
+            request["id"] = msg_id
+        if arguments is not None:
+            request["arguments"] = arguments
+        data = json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n"
+        self._send(data, deadline, command)
+        what = f"waiting for the reply to {command}"
+        while True:
+            message = self._read_message(deadline, what)
+            if "event" in message:
+                self._events.append(message)
+                continue
+            if "return" not in message and "error" not in message:
+                logger.debug("Ignoring unexpected QMP message on %s: %r", self.path, message)
+                continue
+            reply_id = message.get("id")
+            if reply_id is not None and reply_id != msg_id:
+                # The late reply of an earlier command that timed out.
+                logger.debug("Dropping stale QMP reply on %s: %r", self.path, message)
+                continue
+            if "error" in message:
+                error = message["error"] if isinstance(message["error"], dict) else {}
+                error_class = str(error.get("class", ""))
+                desc = str(error.get("desc", message["error"]))
+                raise QmpCommandError(
+                    f"QMP command {command} on {self.path} failed: {error_class}: {desc}",
+                    error_class=error_class, desc=desc)
+            return message["return"]
+
+    # ------------------------------------------------------------------
+    # Events
+
+    def wait_event(self, names: Iterable[str] | None, timeout: float) -> dict[str, Any] | None:
+        """Return the first queued or arriving event named in ``names`` (None: any).
+
+        Non-matching events stay queued in order.  Returns None if no matching
+        event arrives within ``timeout`` seconds.  Raises :class:`MonitorError`
+        if the connection closes meanwhile.
+        """
+        wanted = None if names is None else frozenset(names)
+
+        def matches(event: dict[str, Any]) -> bool:
+            return wanted is None or event.get("event") in wanted
+
+        for index, event in enumerate(self._events):
+            if matches(event):
+                del self._events[index]
+                return event
+        if self._sock is None:
+            self.connect()
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        while True:
+            message = self._poll_message(deadline, "waiting for an event")
+            if message is None:
+                return None
+            if "event" not in message:
+                logger.debug("Dropping QMP reply outside a command on %s: %r",
+                             self.path, message)
+                continue
+            if matches(message):
+                return message
+            self._events.append(message)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Return and forget every queued event, including those already received."""
+        if self._sock is not None and not self._eof:
+            try:
+                while True:
+                    message = self._poll_message(time.monotonic(), "reading queued events")
+                    if message is None:
+                        break
+                    if "event" in message:
+                        self._events.append(message)
+            except MonitorError as err:
+                logger.debug("Stopped reading events on %s: %s", self.path, err)
+        drained = list(self._events)
+        self._events.clear()
+        return drained
+
+    # ------------------------------------------------------------------
+    # Low-level I/O
+
+    def _send(self, data: bytes, deadline: float, command: str) -> None:
+        """Send ``data`` completely before ``deadline``."""
+        sock = self._require_socket(f"sending {command}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._timeout_error(f"sending {command}")
+        sock.settimeout(remaining)
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            raise self._timeout_error(f"sending {command}") from None
+        except (BrokenPipeError, ConnectionResetError):
+            self.close()
+            raise MonitorError(
+                f"QEMU closed the monitor connection {self.path} before {command} was sent; "
+                "check whether the instance is still running") from None
+        except OSError as err:
+            self.close()
+            raise MonitorError(
+                f"Sending {command} to QMP socket {self.path} failed: {err}; "
+                "check whether the instance is still running") from None
+
+    def _read_message(self, deadline: float, what: str) -> dict[str, Any]:
+        """Read one JSON message; raise :class:`MonitorTimeout` at the deadline."""
+        message = self._next_message(deadline, what, raise_timeout=True)
+        assert message is not None
+        return message
+
+    def _poll_message(self, deadline: float, what: str) -> dict[str, Any] | None:
+        """Read one JSON message; return None at the deadline."""
+        return self._next_message(deadline, what, raise_timeout=False)
+
+    def _next_message(self, deadline: float, what: str,
+                      raise_timeout: bool) -> dict[str, Any] | None:
+        """Read one JSON message; at the deadline raise or (``raise_timeout=False``) return None.
+
+        A partial line stays buffered until its newline arrives.
+        """
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[:newline + 1]
+                if not line.strip():
+                    continue
+                return self._decode(line, what)
+            if self._eof:
+                self.close()
+                raise MonitorError(
+                    f"QEMU closed the monitor connection {self.path} while {what}; "
+                    "check whether the instance is still running")
+            sock = self._require_socket(what)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # A zero timeout still takes whatever is already there.
+                remaining = 0.0
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(_RECV_SIZE)
+            except (TimeoutError, BlockingIOError):
+                if raise_timeout:
+                    raise self._timeout_error(what) from None
+                return None
+            except ConnectionResetError:
+                chunk = b""
+            except OSError as err:
+                self.close()
+                raise MonitorError(
+                    f"Reading from QMP socket {self.path} failed while {what}: {err}; "
+                    "check whether the instance is still running") from None
+            if not chunk:
+                self._eof = True
+                continue
+            self._buffer += chunk
+
+    def _decode(self, line: bytes, what: str) -> dict[str, Any]:
+        """Parse one line of QMP output."""
+        try:
+            message = json.loads(line)
+        except ValueError as err:
+            raise MonitorError(
+                f"QMP socket {self.path} sent invalid JSON while {what}: "
+                f"{err}: {line[:200]!r}; is this a QMP socket?") from None
+        if not isinstance(message, dict):
+            raise MonitorError(
+                f"QMP socket {self.path} sent {message!r} while {what}; "
+                "expected a JSON object, is this a QMP socket?")
+        return message
+
+    def _require_socket(self, what: str) -> socket.socket:
+        """Return the open socket or explain that there is none."""
+        if self._sock is None:
+            raise MonitorError(
+                f"No open QMP connection to {self.path} while {what}; call connect() first")
+        return self._sock
+
+    def _timeout_error(self, what: str) -> MonitorTimeout:
+        """Build the timeout error; ``what`` reads like "waiting for the reply to stop"."""
+        return MonitorTimeout(
+            f"Timed out after {self._limit:g}s {what} on QMP socket {self.path}; "
+            "QEMU is stopped, hung or busy, or another client holds the monitor: "
+            "check the QEMU process")
+
+
+def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Connect to ``path``, run one QMP command, close, and return its result.
+
+    ``timeout`` bounds the connection and the command separately.  Raises the
+    same exceptions as :meth:`QmpClient.connect` and :meth:`QmpClient.execute`.
+    """
+    with QmpClient(path, timeout=timeout) as client:
+        client.connect()
+        return client.execute(command, arguments)
