@@ -95,6 +95,7 @@ class ConsoleTiming:
     attached_at: float | None = None
     attached_wall: float | None = None
     status: str | None = None
+    status_at: float | None = None
     cont_at: float | None = None
     cont_wall: float | None = None
 
@@ -283,6 +284,7 @@ class _Wrapper:
         self.timing.attached_wall = time.time()
         status = str(qmp.execute("query-status").get("status", ""))
         self.timing.status = status
+        self.timing.status_at = time.monotonic()
         if status != _UNPAUSE_STATUS:
             logger.debug("Instance %s is %r; not unpausing", self.instance, status)
             return

@@ -45,7 +45,10 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     ``run_dir`` relocates all runtime state (default: ``GANETI_KVM_RUN_DIR``
     or /var/run/ganeti/kvm-hypervisor), so one process can act as several
     nodes.  ``uid_pool`` (e.g. ``"1000-1010, 2000"``) serves the security
-    model ``pool``; it defaults to ``GANETI_KVM_UID_POOL``.
+    model ``pool``; it defaults to ``GANETI_KVM_UID_POOL``.  ``netns`` names
+    the network namespace (``ip netns``) that holds the instances' TAP devices
+    and bridges, when that is not this process's own; ``ifup_script``
+    replaces the shipped ``kvm-ifup`` hook.
     """
 
     CAN_MIGRATE = True
@@ -53,9 +56,11 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     PARAMETER_TYPES = dict(c.HVS_PARAMETER_TYPES)
 
     def __init__(self, run_dir: str | None = None, uid_pool: str | None = None,
-                 socat_path: str = c.SOCAT_PATH) -> None:
+                 socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
+                 netns: str | None = None) -> None:
         self._run_dir = run_dir or paths.default_run_dir()
-        self.node = KvmNode(self._run_dir, uid_pool=uid_pool, socat_path=socat_path)
+        self.node = KvmNode(self._run_dir, uid_pool=uid_pool, socat_path=socat_path,
+                            ifup_script=ifup_script, netns=netns)
 
     # --- parameters ------------------------------------------------------------
 

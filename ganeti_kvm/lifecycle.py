@@ -91,10 +91,15 @@ class KvmNode:
     """One node's instances under a run directory."""
 
     def __init__(self, run_dir: str, uid_pool: str | None = None,
-                 socat_path: str = c.SOCAT_PATH) -> None:
+                 socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
+                 netns: str | None = None) -> None:
         self.layout = RunDir(os.path.abspath(run_dir))
         self.uid_pool_text = uid_pool if uid_pool is not None else os.environ.get(UID_POOL_ENV)
         self.socat_path = socat_path
+        self.ifup_script = ifup_script
+        # The network namespace (an ``ip netns`` name) where the instances' TAP
+        # devices live and the ifup hook runs; None is this process's own.
+        self.netns = netns
 
     # --- helpers -------------------------------------------------------------
 
@@ -314,7 +319,7 @@ class KvmNode:
         vnet_hdr = record.hvparams[c.HV_NIC_TYPE] == c.HT_NIC_PARAVIRTUAL
         taps = []
         for nic in record.nics:
-            fd, name = netdev.open_tap(vnet_hdr=vnet_hdr)
+            fd, name = netdev.open_tap(vnet_hdr=vnet_hdr, netns=self.netns)
             undo.push(f"close tap {name}", lambda fd=fd: _close_quietly(fd))
             nic["tap"] = name
             taps.append((fd, name))
@@ -330,7 +335,7 @@ class KvmNode:
         for index, nic in enumerate(record.nics):
             env = ifup.nic_environment(record.name, _NicView(nic), index, nic["tap"],
                                        record.tags)
-            ifup.run_ifup(c.KVM_IFUP, env)
+            ifup.run_ifup(self.ifup_script, env, netns=self.netns)
 
     # --- chroot --------------------------------------------------------------
 

@@ -10,10 +10,11 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
+
+from ganeti_kvm import process
 
 CACHE_DIR = os.environ.get("GANETI_KVM_CACHE", "/var/cache/ganeti-kvm")
 QEMU_BINARIES = {
@@ -89,17 +90,8 @@ class Reaper:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                time.sleep(0.01)
+            # wait_gone reaps our own children and treats a zombie as gone
+            process.wait_gone(pid, 5)
 
 
 @pytest.fixture

@@ -1,0 +1,28 @@
+# Set-up and tests of ganeti-kvm.  The cache of downloaded and built things
+# (QEMU 10.0, the test guest) is $(GANETI_KVM_CACHE).
+GANETI_KVM_CACHE ?= /var/cache/ganeti-kvm
+export GANETI_KVM_CACHE
+
+PYTHON ?= python3
+
+.PHONY: setup test guest clean distclean
+
+# Debian packages, the package itself (editable), QEMU 10.0 and the guest.
+setup:
+	sh scripts/setup.sh
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+# Build the test guest if it is not cached yet, and print its paths.
+guest:
+	$(PYTHON) -m tests.guestimage
+
+# Build leftovers in the work tree; the cache is kept (see distclean).
+clean:
+	rm -rf build dist .pytest_cache ./*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also drop the cache: the next setup downloads and builds everything again.
+distclean: clean
+	rm -rf "$(GANETI_KVM_CACHE)"

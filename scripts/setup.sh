@@ -1,0 +1,196 @@
+#!/bin/sh
+# Set up a Debian 12 machine (as root) for ganeti-kvm's tests:
+#   - the Debian packages the library and its tests use;
+#   - the package itself, editable, with its test extras;
+#   - QEMU 10.0 from bookworm-backports, unpacked into the cache next to the
+#     system's QEMU 7.2 (never installed over it);
+#   - the tiny test guest (tests/guestimage.py).
+# Idempotent, and quick when everything is already in place.
+# The cache is $GANETI_KVM_CACHE (default /var/cache/ganeti-kvm).
+set -eu
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${GANETI_KVM_CACHE:-/var/cache/ganeti-kvm}
+# libvirglrenderer1: one of QEMU 10.0's modules (hw-display-virtio-gpu-gl)
+# links to it; without it QEMU warns whenever it loads all its modules.
+PACKAGES="qemu-system-x86 socat iproute2 busybox-static openssl libvirglrenderer1"
+QEMU10_DIR=$CACHE/qemu-10.0
+QEMU10=$QEMU10_DIR/qemu-system-x86_64
+QEMU10_VERSION="QEMU emulator version 10.0"
+# QEMU 10.0 looks for a module it does not find in QEMU_MODULE_DIR in the
+# system's module directory too, where it finds QEMU 7.2's and aborts
+# ("Only modules from the same build can be loaded", then an assertion).  So
+# all of 10.0's modules must be unpacked: since 10.0 Debian ships the OpenGL
+# and SPICE ones (which 7.2 has in qemu-system-common) in packages of their own.
+QEMU10_PACKAGES="qemu-system-x86 qemu-system-common qemu-system-data
+qemu-system-modules-opengl qemu-system-modules-spice"
+export DEBIAN_FRONTEND=noninteractive
+
+log() {
+    echo "setup: $*"
+}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: must run as root" >&2
+    exit 1
+fi
+
+mkdir -p "$CACHE"
+# One setup at a time (two test runs may start together).
+exec 9>"$CACHE/setup.lock"
+flock 9
+
+# --- Debian packages -------------------------------------------------------
+
+is_installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
+missing=
+for package in $PACKAGES; do
+    is_installed "$package" || missing="$missing $package"
+done
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    missing="$missing python3-pip"
+fi
+# The guest build resolves the cloud kernel with apt-cache, so the package
+# lists must be there too; a fresh machine may have none.
+if [ -n "$missing" ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    log "apt-get update"
+    apt-get update -q
+fi
+if [ -n "$missing" ]; then
+    log "installing$missing"
+    # $missing is a list of words on purpose.
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+# --- the Python package ----------------------------------------------------
+
+# pip install -e takes seconds, so it is skipped when this interpreter already
+# has this checkout installed from this setup.py.
+pip_stamp=$CACHE/pip-stamp
+pip_key="$(command -v python3) $REPO $(sha256sum "$REPO/setup.py" | cut -d' ' -f1)"
+installed_from=$(cd / && python3 -c \
+    'import os, pytest, ganeti_kvm; print(os.path.dirname(os.path.dirname(ganeti_kvm.__file__)))' \
+    2>/dev/null || true)
+if [ "$installed_from" != "$REPO" ] || [ "$(cat "$pip_stamp" 2>/dev/null || true)" != "$pip_key" ]; then
+    log "pip install -e .[test]"
+    # Debian's own python3 refuses pip installs (PEP 668) unless told otherwise.
+    (cd "$REPO" && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q \
+        --disable-pip-version-check --root-user-action=ignore -e '.[test]')
+    echo "$pip_key" >"$pip_stamp"
+fi
+
+# --- QEMU 10.0 from bookworm-backports --------------------------------------
+
+# The URI of the Debian archive serving SUITE, as the system's apt sources
+# name it (deb822 .sources files or one-line .list files).
+debian_mirror() {
+    suite=$1
+    for file in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$file" ] || continue
+        # Stanzas are separated by empty lines; fields may be in any order.
+        awk -v suite="$suite" '
+            function check() {
+                gsub(/[ \t]+/, " ", suites)
+                if (types ~ /(^| )deb( |$)/ && index(" " suites " ", " " suite " ") &&
+                    enabled != "no" && uri != "") { print uri; found = 1; exit }
+                types = suites = uri = enabled = ""
+            }
+            /^[ \t]*$/ { check(); next }
+            /^Types:/ { sub(/^Types:[ \t]*/, ""); types = $0 }
+            /^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
+            /^URIs:/ { uri = $2 }
+            /^Enabled:/ { enabled = tolower($2) }
+            END { if (!found) check() }
+        ' "$file"
+    done
+    for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$file" ] || continue
+        # "deb [options] URI SUITE COMPONENT..."; options may contain spaces.
+        sed -e 's/\[[^]]*\]//' "$file" |
+            awk -v suite="$suite" '$1 == "deb" && $3 == suite { print $2; exit }'
+    done
+}
+
+install_qemu10() {
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    mirror=$(debian_mirror "$codename" | head -n 1)
+    if [ -z "$mirror" ]; then
+        echo "setup: no apt source for $codename found in /etc/apt" >&2
+        exit 1
+    fi
+    suite=$codename-backports
+    log "unpacking QEMU 10.0 from $suite into $QEMU10_DIR"
+
+    work=$(mktemp -d "$CACHE/qemu-10.0.tmp.XXXXXX")
+    # Removed on failure; renamed into place on success.
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/lists/partial" "$work/dl" "$work/root"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    options=
+    [ -f "$keyring" ] && options="[signed-by=$keyring] "
+    echo "deb $options$mirror $suite main" >"$work/sources.list"
+
+    # apt with only this source and its own lists; the empty Dir::Cache
+    # settings keep it from rewriting the system's package caches.
+    set -- -q -o "Dir::Etc::sourcelist=$work/sources.list" \
+        -o "Dir::Etc::sourceparts=-" -o "Dir::State::Lists=$work/lists" \
+        -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=" \
+        -o "APT::Sandbox::User=root"
+    apt-get "$@" update
+    # "/suite" picks the backports version even though 7.2 is installed.
+    for package in $QEMU10_PACKAGES; do
+        (cd "$work/dl" && apt-get "$@" download "$package/$suite")
+    done
+    for deb in "$work"/dl/*.deb; do
+        dpkg-deb -x "$deb" "$work/root"
+    done
+    rm -rf "$work/dl" "$work/lists" "$work/sources.list"
+
+    # The wrapper finds root/ next to itself, so the directory can be renamed.
+    # The binary looks for its data in the system's /usr/share/qemu (7.2's),
+    # so point it at its own; SeaBIOS and iPXE come from the system packages.
+    cat >"$work/qemu-system-x86_64" <<'EOF'
+#!/bin/sh
+# QEMU 10.0 from Debian backports, unpacked by ganeti-kvm's scripts/setup.sh.
+root=$(dirname "$(readlink -f "$0")")/root
+QEMU_MODULE_DIR=$root/usr/lib/x86_64-linux-gnu/qemu
+export QEMU_MODULE_DIR
+exec "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L /usr/share/seabios "$@"
+EOF
+    chmod 0755 "$work/qemu-system-x86_64"
+    "$work/qemu-system-x86_64" --version | grep -q "$QEMU10_VERSION"
+    # Unquoted on purpose, here and below: the list as one line of words.
+    # shellcheck disable=SC2086
+    echo $QEMU10_PACKAGES >"$work/packages"
+
+    rm -rf "$QEMU10_DIR"
+    mv "$work" "$QEMU10_DIR"
+    chmod 0755 "$QEMU10_DIR"
+    trap - EXIT
+}
+
+# Reinstalled when it is not 10.0 or was unpacked from other packages.
+# shellcheck disable=SC2086
+if ! "$QEMU10" --version 2>/dev/null | grep -q "$QEMU10_VERSION" ||
+        [ "$(cat "$QEMU10_DIR/packages" 2>/dev/null || true)" != "$(echo $QEMU10_PACKAGES)" ]; then
+    install_qemu10
+fi
+if ! "$QEMU10" --version | grep -q "$QEMU10_VERSION"; then
+    echo "setup: $QEMU10 is not $QEMU10_VERSION" >&2
+    exit 1
+fi
+# Loads every module that provides a device: fails on a mismatched module.
+if ! "$QEMU10" -machine none -device help >/dev/null; then
+    echo "setup: $QEMU10 cannot list its devices" >&2
+    exit 1
+fi
+log "$("$QEMU10" --version | head -n 1) at $QEMU10"
+
+# --- the test guest ---------------------------------------------------------
+
+log "test guest"
+(cd "$REPO" && GANETI_KVM_CACHE=$CACHE python3 -m tests.guestimage)

@@ -1,0 +1,469 @@
+"""Tests of the QMP client: a scripted fake server, then the real QEMUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
+from ganeti_kvm.qmp import QmpClient, qmp_execute
+
+GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10},
+                                "package": "fake"},
+                    "capabilities": ["oob"]}}
+
+
+# ----------------------------------------------------------------------
+# A scripted fake QMP server
+
+
+class Peer:
+    """The server side of one fake QMP connection, as seen by a test script."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = b""
+        self.requests: list[dict[str, Any]] = []
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.conn.sendall(json.dumps(obj).encode() + b"\r\n")
+
+    def send_raw(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Read one request line (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the client sent no request")
+            self.conn.settimeout(remaining)
+            chunk = self.conn.recv(4096)
+            if not chunk:
+                raise EOFError("the client closed the connection")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        request: dict[str, Any] = json.loads(line)
+        self.requests.append(request)
+        return request
+
+    def handshake(self) -> None:
+        """Send the greeting and answer qmp_capabilities."""
+        self.send(GREETING)
+        request = self.recv()
+        assert request["execute"] == "qmp_capabilities"
+        self.reply(request, {})
+
+    def reply(self, request: dict[str, Any], value: Any) -> None:
+        message: dict[str, Any] = {"return": value}
+        if "id" in request:
+            message["id"] = request["id"]
+        self.send(message)
+
+
+class FakeQmp:
+    """A unix-socket server running ``script(peer)`` for each accepted connection."""
+
+    def __init__(self, path: str, script: Callable[[Peer], None], connections: int = 1) -> None:
+        self.path = path
+        self.script = script
+        self.errors: list[BaseException] = []
+        self.peers: list[Peer] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.listener.settimeout(10)
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(connections,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, connections: int) -> None:
+        for _ in range(connections):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as err:
+                self.errors.append(err)
+                return
+            peer = Peer(conn)
+            self.peers.append(peer)
+            try:
+                self.script(peer)
+                # Keep the connection open until the test is done with it.
+                self.release.wait(10)
+            except BaseException as err:  # noqa: BLE001 - reported by stop()
+                self.errors.append(err)
+            finally:
+                conn.close()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.listener.close()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "fake QMP server did not stop"
+        if self.errors:
+            raise self.errors[0]
+
+
+@pytest.fixture
+def fake(short_dir: str) -> Iterator[Callable[..., FakeQmp]]:
+    """Factory: ``fake(script)`` starts a fake QMP server on a socket in short_dir."""
+    servers: list[FakeQmp] = []
+
+    def start(script: Callable[[Peer], None], connections: int = 1) -> FakeQmp:
+        server = FakeQmp(os.path.join(short_dir, f"qmp{len(servers)}"), script, connections)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.release.set()
+        server.listener.close()
+        server.thread.join(10)
+
+
+def test_greeting_and_capabilities(fake: Callable[..., FakeQmp]) -> None:
+    server = fake(lambda peer: peer.handshake())
+    with QmpClient(server.path, timeout=5) as client:
+        version = client.connect()
+        assert version == GREETING["QMP"]["version"]
+        assert client.greeting == GREETING
+        assert client.connected
+        assert client.connect() == version  # idempotent
+    assert not client.connected
+    server.stop()
+    assert server.peers[0].requests == [{"execute": "qmp_capabilities"}]
+
+
+def test_execute_success_sends_id_and_arguments(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        request = peer.recv()
+        peer.reply(request, {"echo": request.get("arguments")})
+        request = peer.recv()
+        peer.reply(request, {"status": "running", "running": True})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.execute("echo", {"a": [1, "x"]}) == {"echo": {"a": [1, "x"]}}
+        assert client.execute("query-status")["status"] == "running"
+    server.stop()
+    first, second = server.peers[0].requests[1:]
+    assert first["execute"] == "echo" and first["arguments"] == {"a": [1, "x"]}
+    assert "arguments" not in second
+    assert first["id"] != second["id"]
+
+
+def test_qmp_error_raises_command_error(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        request = peer.recv()
+        peer.send({"error": {"class": "CommandNotFound",
+                             "desc": "The command bogus has not been found"},
+                   "id": request["id"]})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client, \
+            pytest.raises(QmpCommandError) as info:
+        client.execute("bogus")
+    server.stop()
+    assert info.value.error_class == "CommandNotFound"
+    assert info.value.desc == "The command bogus has not been found"
+    message = str(info.value)
+    assert "bogus" in message and "CommandNotFound" in message
+    assert "The command bogus has not been found" in message
+
+
+def test_events_before_reply_are_queued(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        request = peer.recv()
+        peer.send({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}})
+        peer.send({"event": "RESUME", "timestamp": {"seconds": 2, "microseconds": 0}})
+        peer.reply(request, {})
+        peer.send({"event": "SHUTDOWN", "data": {"guest": True}})
+        peer.send({"event": "RESET", "data": {}})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.execute("cont") == {}
+        resume = client.wait_event(["RESUME"], timeout=1)
+        assert resume is not None and resume["timestamp"]["seconds"] == 2
+        shutdown = client.wait_event({"SHUTDOWN"}, timeout=5)
+        assert shutdown is not None and shutdown["data"] == {"guest": True}
+        anything = client.wait_event(None, timeout=5)
+        assert anything is not None and anything["event"] == "STOP"
+        time.sleep(0.2)  # let RESET arrive; events() takes what is already there
+        assert [e["event"] for e in client.events()] == ["RESET"]
+        assert client.events() == []
+        start = time.monotonic()
+        assert client.wait_event(["NEVER"], timeout=0.3) is None
+        assert 0.25 < time.monotonic() - start < 2
+    server.stop()
+
+
+def test_partial_lines_are_buffered(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        greeting = json.dumps(GREETING).encode() + b"\r\n"
+        for piece in (greeting[:5], greeting[5:30], greeting[30:]):
+            peer.send_raw(piece)
+            time.sleep(0.05)
+        request = peer.recv()
+        peer.reply(request, {})
+        request = peer.recv()
+        reply = json.dumps({"return": {"status": "paused"}, "id": request["id"]}).encode()
+        event = json.dumps({"event": "STOP"}).encode()
+        # One chunk ends mid-token, the next holds the rest of the event and the reply.
+        peer.send_raw(event[:7])
+        time.sleep(0.05)
+        peer.send_raw(event[7:] + b"\r\n" + reply[:-3])
+        time.sleep(0.05)
+        peer.send_raw(reply[-3:] + b"\r\n")
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        client.connect()
+        assert client.execute("query-status") == {"status": "paused"}
+        assert [e["event"] for e in client.events()] == ["STOP"]
+    server.stop()
+
+
+def test_stale_reply_is_dropped(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        request = peer.recv()
+        peer.send({"return": {"late": True}, "id": 999999})
+        peer.reply(request, {"late": False})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.execute("query-status") == {"late": False}
+    server.stop()
+
+
+def test_eof_mid_reply(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        peer.recv()
+        peer.send_raw(b'{"return": {"sta')
+        peer.conn.shutdown(socket.SHUT_RDWR)
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        client.connect()
+        with pytest.raises(MonitorError) as info:
+            client.execute("query-status")
+        assert not isinstance(info.value, MonitorTimeout)
+        assert "QEMU closed the monitor connection" in str(info.value)
+        assert server.path in str(info.value) and "query-status" in str(info.value)
+        assert not client.connected
+    server.stop()
+
+
+def test_command_timeout(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        peer.recv()  # and never answer
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        client.connect()
+        start = time.monotonic()
+        with pytest.raises(MonitorTimeout) as info:
+            client.execute("query-status", timeout=0.3)
+        elapsed = time.monotonic() - start
+    server.stop()
+    assert 0.25 < elapsed < 1.5
+    assert server.path in str(info.value) and "query-status" in str(info.value)
+
+
+def test_greeting_timeout(fake: Callable[..., FakeQmp]) -> None:
+    server = fake(lambda peer: None)  # accepts, says nothing
+    start = time.monotonic()
+    with pytest.raises(MonitorTimeout) as info:
+        QmpClient(server.path, timeout=0.3).connect()
+    assert time.monotonic() - start < 1.5
+    assert server.path in str(info.value) and "greeting" in str(info.value)
+    server.stop()
+
+
+def test_not_a_qmp_socket(fake: Callable[..., FakeQmp]) -> None:
+    server = fake(lambda peer: peer.send_raw(b"QEMU 7.2 monitor - type 'help'\r\n"))
+    with pytest.raises(MonitorError) as info:
+        QmpClient(server.path, timeout=2).connect()
+    assert server.path in str(info.value)
+    server.stop()
+
+
+def test_missing_socket(short_dir: str) -> None:
+    path = os.path.join(short_dir, "nothing.qmp")
+    with pytest.raises(MonitorError) as info:
+        QmpClient(path, timeout=1).connect()
+    assert not isinstance(info.value, MonitorTimeout)
+    assert path in str(info.value)
+    with pytest.raises(MonitorError, match="does not exist"):
+        qmp_execute(path, "query-status", timeout=1)
+
+
+def test_connection_refused(short_dir: str) -> None:
+    path = os.path.join(short_dir, "stale.qmp")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound but not listening: what a dead QEMU leaves behind
+    try:
+        with pytest.raises(MonitorError) as info:
+            QmpClient(path, timeout=1).connect()
+        assert path in str(info.value) and "refused" in str(info.value)
+    finally:
+        stale.close()
+
+
+def test_human_command_and_qmp_execute(fake: Callable[..., FakeQmp]) -> None:
+    def human(peer: Peer) -> None:
+        peer.handshake()
+        request = peer.recv()
+        assert request["execute"] == "human-monitor-command"
+        assert request["arguments"] == {"command-line": "info status"}
+        peer.reply(request, "VM status: running\r\n")
+
+    def status(peer: Peer) -> None:
+        peer.handshake()
+        peer.reply(peer.recv(), {"status": "running"})
+
+    server = fake(human)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.human_command("info status") == "VM status: running\r\n"
+    server.stop()
+    server = fake(status)
+    assert qmp_execute(server.path, "query-status", timeout=5) == {"status": "running"}
+    server.stop()
+
+
+# ----------------------------------------------------------------------
+# Real QEMU
+
+
+class Vm:
+    """A guest-less QEMU started paused (-S) with a QMP and a serial socket."""
+
+    def __init__(self, qemu_bin: str, directory: str, extra: tuple[str, ...] = ()) -> None:
+        self.qmp = os.path.join(directory, "qmp")
+        self.serial = os.path.join(directory, "serial")
+        self.pidfile = os.path.join(directory, "pid")
+        argv = [qemu_bin, "-S", "-nodefaults", "-display", "none",
+                "-machine", "pc,accel=tcg", "-m", "64",
+                "-qmp", f"unix:{self.qmp},server=on,wait=off",
+                "-chardev", f"socket,id=serial0,path={self.serial},server=on,wait=off",
+                "-serial", "chardev:serial0",
+                "-daemonize", "-pidfile", self.pidfile, *extra]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"QEMU failed to start: {result.stderr}"
+        with open(self.pidfile, encoding="ascii") as handle:
+            self.pid = int(handle.read().strip())
+
+
+@pytest.fixture
+def vm(qemu_bin: str, short_dir: str, reaper: Any) -> Vm:
+    machine = Vm(qemu_bin, short_dir)
+    reaper.add(machine.pid)
+    return machine
+
+
+def serial_filename(client: QmpClient, serial: str) -> str:
+    for chardev in client.execute("query-chardev"):
+        if chardev["label"] == "serial0":
+            assert serial in chardev["filename"]
+            return str(chardev["filename"])
+    raise AssertionError("no serial0 chardev")
+
+
+def test_real_status_transitions(vm: Vm) -> None:
+    with QmpClient(vm.qmp, timeout=10) as client:
+        version = client.connect()
+        assert version["qemu"]["major"] in (7, 10)
+        status = client.execute("query-status")
+        assert status["status"] == "prelaunch" and status["running"] is False
+        assert "prelaunch" in client.human_command("info status")
+        assert client.execute("cont") == {}
+        assert client.execute("query-status")["status"] == "running"
+        assert client.human_command("info status") == "VM status: running\r\n"
+        assert client.execute("stop") == {}
+        assert client.execute("query-status")["status"] == "paused"
+        assert client.human_command("info status") == "VM status: paused\r\n"
+        events = [e["event"] for e in client.events()]
+        assert events == ["RESUME", "STOP"]
+        with pytest.raises(QmpCommandError) as info:
+            client.execute("no-such-command")
+        assert info.value.error_class == "CommandNotFound"
+    assert qmp_execute(vm.qmp, "query-status")["status"] == "paused"
+
+
+def test_real_sigstop_times_out(vm: Vm) -> None:
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(MonitorTimeout) as info:
+            QmpClient(vm.qmp, timeout=0.5).connect()
+        assert time.monotonic() - start < 2.0
+        assert vm.qmp in str(info.value)
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+
+    with QmpClient(vm.qmp, timeout=5) as client:
+        client.connect()
+        os.kill(vm.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(MonitorTimeout) as info:
+                client.execute("query-status", timeout=0.5)
+            assert time.monotonic() - start < 2.0
+            assert vm.qmp in str(info.value) and "query-status" in str(info.value)
+        finally:
+            os.kill(vm.pid, signal.SIGCONT)
+        # The late reply to the timed-out command is dropped, not mistaken for this one.
+        assert client.execute("query-chardev", timeout=5)[0]["label"]
+    os.kill(vm.pid, signal.SIGKILL)
+
+
+def test_real_query_chardev_connection_state(vm: Vm) -> None:
+    disconnected = f"disconnected:unix:{vm.serial},server=on"
+    connected = f"unix:{vm.serial},server=on"
+    with QmpClient(vm.qmp, timeout=10) as client:
+        labels = {c["label"]: c["filename"] for c in client.execute("query-chardev")}
+        # The QMP monitor's own chardev shows our connection.
+        assert labels["compat_monitor0"] == f"unix:{vm.qmp},server=on"
+        assert serial_filename(client, vm.serial) == disconnected
+        console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        console.connect(vm.serial)
+        try:
+            deadline = time.monotonic() + 5
+            while serial_filename(client, vm.serial) != connected:
+                assert time.monotonic() < deadline, "serial chardev never showed the client"
+                time.sleep(0.01)
+        finally:
+            console.close()
+        deadline = time.monotonic() + 5
+        while serial_filename(client, vm.serial) != disconnected:
+            assert time.monotonic() < deadline, "serial chardev never showed the disconnect"
+            time.sleep(0.01)
+
+
+def test_real_round_trip_is_fast(vm: Vm) -> None:
+    for _ in range(5):
+        qmp_execute(vm.qmp, "query-status")
+    timings = []
+    for _ in range(50):
+        start = time.perf_counter()
+        assert qmp_execute(vm.qmp, "query-status")["status"] == "prelaunch"
+        timings.append(time.perf_counter() - start)
+    # Typically ~0.4 ms; generous bound for a loaded 2-core machine.
+    assert statistics.median(timings) < 0.05
