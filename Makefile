@@ -26,3 +26,8 @@ clean:
 # Also drop the cache: the next setup downloads and builds everything again.
 distclean: clean
 	rm -rf "$(GANETI_KVM_CACHE)"
+
+# The README's first command: set up, then boot, show, migrate and stop a real VM.
+.PHONY: demo
+demo: setup
+	$(PYTHON) examples/demo.py
