@@ -251,16 +251,18 @@ class KVMHypervisor(hv_base.BaseHypervisor):
                          info, target)
 
     def MigrateInstance(self, instance: Any, target: str, live: bool,
-                        timeout: float | None = None,
-                        progress: Any = None) -> None:
+                        timeout: float | None = None, progress: Any = None,
+                        stall_timeout: float = migration.STALL_TIMEOUT) -> None:
         """Migrate the instance to ``target``; returns once it runs there.
 
         ``timeout`` overrides the time limit derived from RAM size and
-        bandwidth; ``progress`` is called with a
+        bandwidth; a migration that moves no byte for ``stall_timeout``
+        seconds (a broken link) is cancelled; ``progress`` is called with a
         :class:`~ganeti_kvm.migration.MigrationStatus` while it runs.
         """
         migration.migrate(self.node, paths.check_instance_name(_attr(instance, "name")),
-                          target, live, limit=timeout, progress=progress)
+                          target, live, limit=timeout, progress=progress,
+                          stall_timeout=stall_timeout)
 
     def FinalizeMigration(self, instance: Any, info: str, success: bool) -> None:
         """On the target: run the ifup hooks and continue, or stop and clean up."""

@@ -161,3 +161,30 @@ def test_failing_hook_leaves_nothing_running(short_dir, ns, qemu_bin, guest) -> 
         assert "gnt.tap" not in links
     finally:
         kill_instances(hv.node.layout.root)
+
+
+def test_migrated_nic_is_attached_on_the_target(short_dir, ns, qemu_bin, guest) -> None:
+    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"), netns=ns)
+    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"), netns=ns)
+    from tests.test_migration import free_port
+
+    inst = make_instance("net6", guest_hvparams(qemu_bin, guest, migration_port=free_port(),
+                                                migration_bandwidth=1000),
+                         nics=[nic("52:54:00:12:34:08")])
+    try:
+        source.StartInstance(inst, [], startup_paused=True)
+        (source_tap,) = taps(source, "net6")
+        info = source.MigrationInfo(inst)
+        target.AcceptInstance(inst, info, "127.0.0.1")
+        (target_tap,) = taps(target, "net6")
+        assert target_tap != source_tap
+        # ifup is deferred: the target's tap is not on the bridge yet
+        assert "master br0" not in ns_ip(ns, "-o", "link", "show", "dev", target_tap).stdout
+        source.MigrateInstance(inst, "127.0.0.1", True)
+        target.FinalizeMigration(inst, info, True)
+        assert "master br0" in ns_ip(ns, "-o", "link", "show", "dev", target_tap).stdout
+        assert not netdev.tap_exists(source_tap, netns=ns)
+        assert target.ListInstances() == ["net6"] and source.ListInstances() == []
+    finally:
+        kill_instances(source.node.layout.root)
+        kill_instances(target.node.layout.root)
