@@ -11,15 +11,13 @@ its real, effective, saved or filesystem uids).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import random
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from ganeti_kvm import errors, fsutil
+from ganeti_kvm import errors, fsutil, locking
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def uids_in_use() -> set[int]:
     """Uids (real, effective, saved and filesystem) of the processes running now.
 
     Reads the ``Uid:`` line of every ``/proc/<pid>/status``; processes that
-    exit while being read are skipped.
+    exit while being read, and zombies (exited, not yet reaped), are skipped.
     """
     used: set[int] = set()
     try:
@@ -108,6 +106,8 @@ def uids_in_use() -> set[int]:
         try:
             with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as handle:
                 for line in handle:
+                    if line.startswith("State:") and line.split()[1:2] in (["Z"], ["X"]):
+                        break  # a zombie runs nothing; it only waits to be reaped
                     if line.startswith("Uid:"):
                         used.update(int(field) for field in line.split()[1:])
                         break
@@ -138,30 +138,10 @@ class UidPool:
         """Hold the pool's exclusive lock (a fresh descriptor, so threads exclude too)."""
         os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.pool_dir, LOCK_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise errors.HypervisorError(
-                f"Cannot open the uid pool lock {path}: {err}; check the directory's "
-                f"permissions") from None
-        try:
-            deadline = time.monotonic() + timeout
-            delay = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise errors.HypervisorError(
-                            f"The uid pool lock {path} has been held for over "
-                            f"{timeout:.0f} s; find the stuck process holding it "
-                            f"(fuser {path}) and retry") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+        with locking.file_lock(path, timeout, lambda: errors.HypervisorError(
+                f"The uid pool lock {path} has been held for over {timeout:.0f} s; find "
+                f"the stuck process holding it (fuser {path}) and retry")):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     # --- records ---------------------------------------------------------------
 

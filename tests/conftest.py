@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from ganeti_kvm import process
+from ganeti_kvm.hv_kvm import KVMHypervisor
+from tests.helpers import kill_instances
 
 CACHE_DIR = os.environ.get("GANETI_KVM_CACHE", "/var/cache/ganeti-kvm")
 QEMU_BINARIES = {
@@ -102,3 +104,33 @@ def reaper() -> Iterator[Reaper]:
         yield r
     finally:
         r.reap()
+
+
+@pytest.fixture(scope="session")
+def guest():  # type: ignore[no-untyped-def]
+    """The tiny Linux test guest (built once, cached outside git)."""
+    from tests.guestimage import build_guest
+
+    return build_guest()
+
+
+@pytest.fixture
+def hv(short_dir: str) -> Iterator[KVMHypervisor]:
+    """A hypervisor with its own run directory; its QEMUs are killed at teardown."""
+    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
+    try:
+        yield hypervisor
+    finally:
+        kill_instances(hypervisor.node.layout.root)
+
+
+@pytest.fixture
+def nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
+    """Two hypervisors with separate run directories: two nodes on this machine."""
+    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
+    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
+    try:
+        yield source, target
+    finally:
+        kill_instances(source.node.layout.root)
+        kill_instances(target.node.layout.root)

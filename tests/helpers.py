@@ -10,8 +10,8 @@ import socket
 import time
 from typing import Any
 
-from ganeti_kvm import objects, paths, process
 from ganeti_kvm import constants as c
+from ganeti_kvm import objects, paths, process
 
 
 def guest_hvparams(qemu_bin: str, guest: Any, **overrides: Any) -> dict[str, Any]:

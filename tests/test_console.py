@@ -9,31 +9,14 @@ import re
 import select
 import subprocess
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.guestimage import build_guest, make_disk
-from tests.helpers import guest_hvparams, kill_instances, make_instance
+from tests.guestimage import make_disk
+from tests.helpers import guest_hvparams, make_instance
 
 BOOT_LINES = ["BOOT 1 kernel", "BOOT 2 modules loaded", "DISK MARKER=console-disk",
               "NET NONE", "BOOT 3 acpid running", "READY", "COUNTER 1"]
-
-
-@pytest.fixture(scope="session")
-def guest():
-    return build_guest()
-
-
-@pytest.fixture
-def hv(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 class Terminal:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,22 +14,8 @@ from ganeti_kvm import constants as c
 from ganeti_kvm import errors, objects, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.qmp import qmp_execute
-from tests.guestimage import build_guest, make_disk
-from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
-
-
-@pytest.fixture(scope="session")
-def guest():
-    return build_guest()
-
-
-@pytest.fixture
-def hv(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
+from tests.guestimage import make_disk
+from tests.helpers import SerialReader, guest_hvparams, make_instance
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from ganeti_kvm import errors, objects
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.certs import make_x509_dir
 from tests.guestimage import build_guest, make_disk
-from tests.helpers import kill_instances, make_instance
+from tests.helpers import make_instance
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +110,6 @@ def resolve(overrides: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
             value = files[value[1:-1]]
         result[key] = value
     return result
-
-
-@pytest.fixture
-def hv(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 @pytest.mark.parametrize("case, overrides, ndisks", CASES, ids=[c[0] for c in CASES])

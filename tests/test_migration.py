@@ -7,30 +7,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from ganeti_kvm import errors, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.guestimage import build_guest
-from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
-
-
-@pytest.fixture(scope="session")
-def guest():
-    return build_guest()
-
-
-@pytest.fixture
-def nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
-    try:
-        yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
+from tests.helpers import SerialReader, guest_hvparams, make_instance
 
 
 def free_port() -> int:

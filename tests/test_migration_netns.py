@@ -10,17 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from ganeti_kvm import errors
-from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.guestimage import build_guest
-from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
+from tests.helpers import SerialReader, guest_hvparams, make_instance
 from tests.netns import IP, netns, ns_ip, skip_unless_netns
 
 SOURCE_IP, TARGET_IP = "10.98.0.1", "10.98.0.2"
-
-
-@pytest.fixture(scope="session")
-def guest():
-    return build_guest()
 
 
 def qemu_in(ns: str, qemu_bin: str, directory: str) -> str:
@@ -43,17 +36,6 @@ def link(short_dir: str) -> Iterator[tuple[str, str]]:
         ns_ip(src, "link", "set", "veth-s", "up")
         ns_ip(dst, "link", "set", "veth-d", "up")
         yield src, dst
-
-
-@pytest.fixture
-def nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
-    try:
-        yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
 
 
 def instance(qemu: str, guest, bandwidth: int):

@@ -12,16 +12,10 @@ import pytest
 
 from ganeti_kvm import errors, netdev, objects
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.guestimage import build_guest
 from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
 from tests.netns import netns, ns_ip, ns_read, ns_run, skip_unless_netns
 
 BRIDGE_IP = "10.99.0.1"
-
-
-@pytest.fixture(scope="session")
-def guest():
-    return build_guest()
 
 
 @pytest.fixture
@@ -76,7 +70,10 @@ def test_bridged_nic_answers_ping_and_pings_back(hv, ns, qemu_bin, guest) -> Non
     serial.read_until(r"1 packets received", timeout=30)
     serial.close()
     hv.StopInstance(inst, force=True)
-    assert not netdev.tap_exists(tap, netns=ns)
+    deadline = time.monotonic() + 10
+    while netdev.tap_exists(tap, netns=ns):  # removed asynchronously by the kernel
+        assert time.monotonic() < deadline, "the TAP device outlived its QEMU"
+        time.sleep(0.05)
 
 
 def test_routed_nic_gets_its_route(hv, ns, qemu_bin, guest) -> None:
@@ -157,8 +154,11 @@ def test_failing_hook_leaves_nothing_running(short_dir, ns, qemu_bin, guest) -> 
         ipaths = hv.node.paths("net5")
         for leftover in ipaths.runtime_files() + [ipaths.runtime_file]:
             assert not os.path.exists(leftover), leftover
-        links = ns_ip(ns, "-o", "link", "show").stdout
-        assert "gnt.tap" not in links
+        # The kernel removes a TAP device asynchronously once its last fd closes.
+        deadline = time.monotonic() + 10
+        while "gnt.tap" in ns_ip(ns, "-o", "link", "show").stdout:
+            assert time.monotonic() < deadline, "the TAP device outlived its QEMU"
+            time.sleep(0.05)
     finally:
         kill_instances(hv.node.layout.root)
 
@@ -183,7 +183,10 @@ def test_migrated_nic_is_attached_on_the_target(short_dir, ns, qemu_bin, guest) 
         source.MigrateInstance(inst, "127.0.0.1", True)
         target.FinalizeMigration(inst, info, True)
         assert "master br0" in ns_ip(ns, "-o", "link", "show", "dev", target_tap).stdout
-        assert not netdev.tap_exists(source_tap, netns=ns)
+        deadline = time.monotonic() + 10
+        while netdev.tap_exists(source_tap, netns=ns):
+            assert time.monotonic() < deadline, "the source TAP outlived its QEMU"
+            time.sleep(0.05)
         assert target.ListInstances() == ["net6"] and source.ListInstances() == []
     finally:
         kill_instances(source.node.layout.root)
