@@ -76,15 +76,6 @@ def uids() -> tuple[int, int]:
 
 
 @pytest.fixture
-def hv(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
-
-
-@pytest.fixture
 def pool_hv(short_dir: str, uids: tuple[int, int]) -> Iterator[KVMHypervisor]:
     hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"),
                                uid_pool=f"{uids[0]}-{uids[1]}")
