@@ -31,3 +31,7 @@ distclean: clean
 .PHONY: demo
 demo: setup
 	$(PYTHON) examples/demo.py
+
+.PHONY: bench
+bench: setup
+	$(PYTHON) bench/run.py

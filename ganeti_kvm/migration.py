@@ -178,7 +178,7 @@ def _wait(qmp: QmpClient, name: str, limit: float,
         if event is not None:
             log.debug("Migration of %s: event %s", name, event.get("data"))
         if status.status in _FINAL_STATES:
-            return status
+            return _settled(qmp, status)
         if progress is not None:
             progress(status)
         now = time.monotonic()
@@ -195,6 +195,20 @@ def _wait(qmp: QmpClient, name: str, limit: float,
                 f"Migration of instance {name} made no progress for {stall_timeout:.0f} s "
                 f"(link down or target hung?); cancelled, the instance keeps running on "
                 "this node")
+
+
+def _settled(qmp: QmpClient, status: MigrationStatus) -> MigrationStatus:
+    """The final report once QEMU has filled in its timing figures.
+
+    Right after the state changes to completed QEMU may still report a
+    total time of 0; ask again briefly (bounded) for the real figures.
+    """
+    deadline = time.monotonic() + 0.5
+    while status.status == "completed" and not status.total_time_ms \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+        status = MigrationStatus.from_query(qmp.execute("query-migrate"))
+    return status
 
 
 def _cancel(qmp: QmpClient, name: str) -> None:

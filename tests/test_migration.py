@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ganeti_kvm import errors, process
+from ganeti_kvm import errors, migration, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import SerialReader, guest_hvparams, make_instance
 
@@ -141,8 +141,10 @@ def test_migration_status_reports_progress(nodes, qemu_bin, guest) -> None:
     info = source.MigrationInfo(inst)
     target.AcceptInstance(inst, info, "127.0.0.1")
     seen = []
-    source.MigrateInstance(inst, "127.0.0.1", True, progress=seen.append)
+    final = migration.migrate(source.node, "mig6", "127.0.0.1", True, progress=seen.append)
     target.FinalizeMigration(inst, info, True)
+    assert final.status == "completed" and final.total_time_ms > 0
+    assert final.transferred > 0
     assert seen and seen[0].status in ("setup", "active")
     active = [s for s in seen if s.status == "active"]
     assert active and active[-1].total > 0 and active[-1].transferred > 0

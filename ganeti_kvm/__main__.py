@@ -1,0 +1,7 @@
+"""``python -m ganeti_kvm``: the ``ganeti-kvm`` command."""
+
+import sys
+
+from ganeti_kvm.cli import main
+
+sys.exit(main())
