@@ -9,6 +9,7 @@ QEMU process, files) is released if a later phase fails.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import logging
@@ -20,9 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_kvm import cmdline, errors, fsutil, locking, process, qemu_caps, runtime
+from ganeti_kvm import cmdline, errors, fsutil, locking, process, qemu_caps, runtime, validation
 from ganeti_kvm import constants as c
-from ganeti_kvm import validation
 from ganeti_kvm.paths import InstancePaths, RunDir
 from ganeti_kvm.qmp import QmpClient
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 LAUNCH_TIMEOUT = 120.0  # the daemonizing QEMU parent must exit within this
 QMP_READY_TIMEOUT = 30.0  # QMP must answer within this after the parent exited
 LIST_QMP_TIMEOUT = 1.0  # a listing call waits at most this for one instance
+LIST_WORKERS = 8  # monitors asked at once by GetAllInstancesInfo
 UID_POOL_ENV = "GANETI_KVM_UID_POOL"
 
 
@@ -471,12 +472,34 @@ class KvmNode:
                             state=self._state(pid, paths), cpu_time=_cpu_time(pid))
 
     def all_info(self) -> list[InstanceInfo]:
-        """Every running instance."""
-        result = []
+        """Every running instance.
+
+        The monitors are asked concurrently: most of a query's time is QEMU's
+        answer, so a node with many instances answers in a fraction of the
+        time a sequential loop would take.
+        """
+        running = []
         for name in self.list_names():
-            item = self.info(name)
-            if item is not None:
-                result.append(item)
+            paths = self.paths(name)
+            pid = process.read_pidfile(paths.pidfile)
+            if pid is not None:
+                running.append((name, pid, paths))
+        if not running:
+            return []
+        if len(running) == 1:
+            states = [self._state(running[0][1], running[0][2])]
+        else:
+            workers = min(len(running), LIST_WORKERS)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                states = list(pool.map(lambda item: self._state(item[1], item[2]), running))
+        result = []
+        for (name, pid, _), state in zip(running, states):
+            argv = process.cmdline(pid)
+            if argv is None:
+                continue  # it exited meanwhile
+            memory, vcpus = _memory_vcpus(argv)
+            result.append(InstanceInfo(name=name, pid=pid, memory=memory, vcpus=vcpus,
+                                       state=state, cpu_time=_cpu_time(pid)))
         return result
 
     @staticmethod

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ganeti_kvm import errors, process, runtime
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors, process, runtime
 from ganeti_kvm.lifecycle import KvmNode
 from ganeti_kvm.qmp import QmpClient
 

@@ -1,0 +1,22 @@
+"""The README's parameter table is the one generated from the code."""
+
+from __future__ import annotations
+
+import os
+
+from ganeti_kvm import doc
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def test_readme_parameter_table_is_current() -> None:
+    text = open(README, encoding="utf-8").read()
+    start, end = text.index(doc.BEGIN), text.index(doc.END) + len(doc.END)
+    assert text[start:end] == doc.parameter_table(), \
+        "regenerate the table with: python3 -m ganeti_kvm.doc"
+
+
+def test_table_has_every_parameter() -> None:
+    table = doc.parameter_table()
+    for key in doc.validation.PARAMETERS:
+        assert f"| `{key}` |" in table
