@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import select
 import signal
@@ -95,3 +96,24 @@ def kill_instances(run_dir: str) -> None:
             process.signal_pid(pid, signal.SIGCONT)
             process.signal_pid(pid, signal.SIGKILL)
             process.wait_gone(pid, 10)
+
+
+def free_vnc_port() -> int:
+    """A free TCP port >= 5900 on loopback (random, to stay clear of other test runs)."""
+    candidates = list(range(6200, 6900))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free VNC port")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, chosen by the kernel."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -16,8 +16,7 @@ from ganeti_kvm import cli, errors
 from ganeti_kvm import constants as c
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.migration import MigrationStatus
-from tests.helpers import guest_hvparams, kill_instances
-from tests.test_migration import free_port
+from tests.helpers import free_port, guest_hvparams, kill_instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "instance.json")

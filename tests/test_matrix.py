@@ -8,7 +8,6 @@ do must be refused by ValidateParameters with a clear message, never by QEMU.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from ganeti_kvm import errors, objects
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.certs import make_x509_dir
 from tests.guestimage import build_guest, make_disk
-from tests.helpers import make_instance
+from tests.helpers import free_vnc_port, make_instance
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +37,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"kernel": guest.kernel, "initrd": guest.initrd, "iso": str(iso),
             "floppy": str(floppy), "password": str(password), "mem": str(mem),
             "vnc_dir": str(vnc_dir), "x509": make_x509_dir(str(base / "x509"))}
-
-
-def free_vnc_port() -> int:
-    for port in range(5990, 6100):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free VNC port")
 
 
 F = "{%s}"  # a placeholder replaced by a path from the files fixture

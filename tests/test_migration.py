@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -12,13 +11,7 @@ import pytest
 
 from ganeti_kvm import errors, migration, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.helpers import SerialReader, guest_hvparams, make_instance
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import SerialReader, free_port, guest_hvparams, make_instance
 
 
 def start_counting(hv: KVMHypervisor, inst, paused: bool = False) -> SerialReader:

@@ -166,7 +166,7 @@ def test_failing_hook_leaves_nothing_running(short_dir, ns, qemu_bin, guest) -> 
 def test_migrated_nic_is_attached_on_the_target(short_dir, ns, qemu_bin, guest) -> None:
     source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"), netns=ns)
     target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"), netns=ns)
-    from tests.test_migration import free_port
+    from tests.helpers import free_port
 
     inst = make_instance("net6", guest_hvparams(qemu_bin, guest, migration_port=free_port(),
                                                 migration_bandwidth=1000),

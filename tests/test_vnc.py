@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import ssl
 import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +21,7 @@ from ganeti_kvm import constants as c
 from ganeti_kvm import errors, paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.certs import make_x509_dir
-from tests.helpers import kill_instances, make_instance
+from tests.helpers import free_vnc_port, make_instance
 
 RFB_BANNER = b"RFB 003.008\n"
 SEC_VENCRYPT = 19
@@ -37,20 +35,6 @@ def base_hvparams(qemu_bin: str, **overrides: Any) -> dict[str, Any]:
                kvm_flag="disabled")
     hvp.update(overrides)
     return hvp
-
-
-def free_vnc_port() -> int:
-    """A free TCP port >= 5900 on loopback (random, to stay clear of other test runs)."""
-    candidates = list(range(6200, 6900))
-    random.shuffle(candidates)
-    for port in candidates:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free VNC port")
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -77,15 +61,6 @@ def security_types(sock: socket.socket) -> list[int]:
     count = recv_exact(sock, 1)[0]
     assert count > 0, "the server refused the connection"
     return list(recv_exact(sock, count))
-
-
-@pytest.fixture
-def hv(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 # --- VNC on an IP address -----------------------------------------------------
