@@ -95,6 +95,37 @@ def check_types(hvparams: Mapping[str, Any], types: Mapping[str, str]) -> None:
                 name, value)
 
 
+def apply_syntax_checks(table: Mapping[str, Check], types: Mapping[str, str],
+                        hvparams: Mapping[str, Any]) -> None:
+    """Apply the syntax half of a parameter table (types, presence, ``check_fn``)."""
+    check_types(hvparams, types)
+    for name, (required, check_fn, errstr, _, _) in table.items():
+        if name not in hvparams:
+            raise errors.ParameterError(f"Parameter '{name}' is missing", name)
+        value = hvparams[name]
+        if not required and not value:
+            continue
+        if value is None or value == "":
+            raise errors.ParameterError(
+                f"Parameter '{name}' is required but is currently not defined", name, value)
+        if check_fn is not None and not check_fn(value):
+            raise errors.ParameterError(
+                f"Parameter '{name}' fails syntax check: {errstr} "
+                f"(current value: {value!r})", name, value)
+
+
+def apply_node_checks(table: Mapping[str, Check], hvparams: Mapping[str, Any]) -> None:
+    """Apply the node half of a parameter table (``prereq_fn``: files, directories)."""
+    for name, (required, _, _, check_fn, errstr) in table.items():
+        value = hvparams.get(name)
+        if not required and not value:
+            continue
+        if check_fn is not None and not check_fn(value):
+            raise errors.ParameterError(
+                f"Parameter '{name}' fails validation on this node: {errstr} "
+                f"(current value: {value!r})", name, value)
+
+
 class BaseHypervisor:
     """The contract every hypervisor offers to the node daemon.
 
@@ -117,32 +148,12 @@ class BaseHypervisor:
         parameters) and no unknown key may be.  Raises
         :class:`errors.HypervisorError` naming the parameter and its value.
         """
-        check_types(hvparams, cls.PARAMETER_TYPES or {k: constants.VTYPE_STRING
-                                                      for k in cls.PARAMETERS})
-        for name, (required, check_fn, errstr, _, _) in cls.PARAMETERS.items():
-            if name not in hvparams:
-                raise errors.ParameterError(f"Parameter '{name}' is missing", name)
-            value = hvparams[name]
-            if not required and not value:
-                continue
-            if value is None or value == "":
-                raise errors.ParameterError(
-                    f"Parameter '{name}' is required but is currently not defined", name, value)
-            if check_fn is not None and not check_fn(value):
-                raise errors.ParameterError(
-                    f"Parameter '{name}' fails syntax check: {errstr} "
-                    f"(current value: {value!r})", name, value)
+        apply_syntax_checks(cls.PARAMETERS, cls.PARAMETER_TYPES or {
+            k: constants.VTYPE_STRING for k in cls.PARAMETERS}, hvparams)
 
     def ValidateParameters(self, hvparams: Mapping[str, Any]) -> None:
         """Check ``hvparams`` against this node (files and directories exist)."""
-        for name, (required, _, _, check_fn, errstr) in self.PARAMETERS.items():
-            value = hvparams.get(name)
-            if not required and not value:
-                continue
-            if check_fn is not None and not check_fn(value):
-                raise errors.ParameterError(
-                    f"Parameter '{name}' fails validation on this node: {errstr} "
-                    f"(current value: {value!r})", name, value)
+        apply_node_checks(self.PARAMETERS, hvparams)
 
     # --- node information -------------------------------------------------
 

@@ -67,19 +67,12 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     @classmethod
     def CheckParameterSyntax(cls, hvparams: Mapping[str, Any]) -> None:
         """Check the syntax of ``hvparams``, including the checks between keys."""
-        super().CheckParameterSyntax(hvparams)
-        validation.check_syntax(hvparams)
+        validation.check_all_syntax(hvparams)
 
     def ValidateParameters(self, hvparams: Mapping[str, Any]) -> None:
         """Check ``hvparams`` against this node: files, users, devices, QEMU's abilities."""
-        super().ValidateParameters(hvparams)
-        caps = self.node.caps(hvparams[c.HV_KVM_PATH])
-        validation.check_node(hvparams, caps)
-
-    @classmethod
-    def _validate_on_node(cls, hvparams: Mapping[str, Any], caps: Any) -> None:
-        hv_base.BaseHypervisor.ValidateParameters(cls, hvparams)  # type: ignore[arg-type]
-        validation.check_node(hvparams, caps)
+        hv_base.apply_node_checks(self.PARAMETERS, hvparams)
+        validation.check_node(hvparams, self.node.caps(hvparams[c.HV_KVM_PATH]))
 
     @staticmethod
     def FillHvParams(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -101,18 +94,11 @@ class KVMHypervisor(hv_base.BaseHypervisor):
                     f"Instance {name}: backend parameter {key} must be a whole number "
                     f"greater than zero, not {value!r}", key, value)
         disks = cmdline.normalize_block_devices(list(block_devices or []))
-        disk_dicts = []
-        for entry in block_devices or []:
-            disk = entry[0]
-            disk_dicts.append(disk.ToDict() if hasattr(disk, "ToDict") else
-                              dict(disk) if isinstance(disk, Mapping) else
-                              {"mode": getattr(disk, "mode", c.DISK_RDWR)})
         return InstanceSpec(
             name=name, hvparams=hvparams, memory=memory, vcpus=vcpus,
             nics=[_nic_dict(n) for n in _attr(instance, "nics") or []], disks=disks,
             tags=[str(t) for t in _attr(instance, "tags") or []],
-            uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"),
-            disk_dicts=disk_dicts)
+            uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"))
 
     # --- lifecycle -------------------------------------------------------------
 

@@ -21,7 +21,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_kvm import cmdline, errors, fsutil, locking, process, qemu_caps, runtime, validation
+from ganeti_kvm import (
+    cmdline,
+    errors,
+    fsutil,
+    ifup,
+    locking,
+    netdev,
+    process,
+    qemu_caps,
+    runtime,
+    uidpool,
+    validation,
+)
 from ganeti_kvm import constants as c
 from ganeti_kvm.paths import InstancePaths, RunDir
 from ganeti_kvm.qmp import QmpClient
@@ -48,7 +60,6 @@ class InstanceSpec:
     tags: list[str] = field(default_factory=list)
     uuid: str | None = None
     network_port: int | None = None
-    disk_dicts: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -131,11 +142,17 @@ class KvmNode:
 
     def running_pid(self, name: str) -> int | None:
         """The PID of instance ``name``'s QEMU if it really runs, else None."""
-        paths = self.paths(name)
+        found = self._running(self.paths(name))
+        return found[0] if found else None
+
+    @staticmethod
+    def _running(paths: InstancePaths) -> tuple[int, list[str]] | None:
+        """PID and argv of the instance's QEMU if it really runs, read from /proc once."""
         pid = process.read_pidfile(paths.pidfile)
-        if pid is None or not process.runs_instance(pid, name, paths.pidfile):
+        if pid is None:
             return None
-        return pid
+        argv = process.instance_argv(pid, paths.name, paths.pidfile)
+        return (pid, argv) if argv is not None else None
 
     def load_record(self, name: str) -> runtime.RuntimeRecord | None:
         """The saved runtime record of ``name``, or None."""
@@ -143,11 +160,9 @@ class KvmNode:
 
     def check_params(self, hvparams: Mapping[str, Any]) -> qemu_caps.QemuCaps:
         """Syntax and node checks of filled ``hvparams``; returns the QEMU's capabilities."""
-        from ganeti_kvm.hv_kvm import KVMHypervisor  # the table lives on the contract class
-
-        KVMHypervisor.CheckParameterSyntax(hvparams)
+        validation.check_all_syntax(hvparams)
         caps = self.caps(hvparams[c.HV_KVM_PATH])
-        KVMHypervisor._validate_on_node(hvparams, caps)
+        validation.check_all_node(hvparams, caps)
         return caps
 
     # --- start ---------------------------------------------------------------
@@ -160,25 +175,14 @@ class KvmNode:
                 raise errors.HypervisorError(
                     f"Failed to start instance {spec.name}: it is already running")
             self._remove_leftovers(paths)
-            undo = _StartUndo()
-            try:
-                uid = self._request_uid(spec.name, spec.hvparams, undo)
-                record = runtime.RuntimeRecord(
-                    name=spec.name, argv=[], nics=[dict(n) for n in spec.nics],
-                    hvparams=dict(spec.hvparams),
-                    beparams={c.BE_MEMORY: spec.memory, c.BE_VCPUS: spec.vcpus},
-                    disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags), uid=uid,
-                    qemu_version=list(caps.version), uuid=spec.uuid,
-                    network_port=spec.network_port)
-                record.argv = self.build_argv(record, caps, paths)
-                runtime.save(paths.runtime_file, record)
-                undo.push("remove runtime record",
-                          lambda: fsutil.remove_file(paths.runtime_file))
-                self._execute(record, paths, paused, undo)
-            except BaseException:
-                undo.run()
-                raise
-            undo.forget()
+            record = runtime.RuntimeRecord(
+                name=spec.name, argv=[], nics=[dict(n) for n in spec.nics],
+                hvparams=dict(spec.hvparams),
+                beparams={c.BE_MEMORY: spec.memory, c.BE_VCPUS: spec.vcpus},
+                disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags),
+                qemu_version=list(caps.version), uuid=spec.uuid,
+                network_port=spec.network_port)
+            self.start_from_record(record, paused=paused)
 
     def build_argv(self, record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps,
                    paths: InstancePaths) -> list[str]:
@@ -193,8 +197,9 @@ class KvmNode:
 
     def start_from_record(self, record: runtime.RuntimeRecord, paused: bool = False,
                           incoming: str | None = None, run_ifup: bool = True) -> None:
-        """Start QEMU again from a saved record (reboot, migration target). Lock held by caller.
+        """Start QEMU from a record (a new start, a reboot, a migration target).
 
+        The caller holds the instance's lock.
         The command line is rebuilt from the record's parameters for this
         node's paths, so a record from another node (a migration) works too;
         a record upgraded from the 2011 format keeps its command line.
@@ -206,8 +211,7 @@ class KvmNode:
             if record.upgraded_from is None:
                 caps = self.caps(record.hvparams[c.HV_KVM_PATH])
                 record.argv = self.build_argv(record, caps, paths)
-            runtime.save(paths.runtime_file, record)
-            undo.push("remove runtime record", lambda: fsutil.remove_file(paths.runtime_file))
+                record.qemu_version = list(caps.version)
             self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
         except BaseException:
             undo.run()
@@ -224,9 +228,7 @@ class KvmNode:
         undo.push(f"release uid {uid}", lambda: pool.release(uid))
         return uid
 
-    def _uid_pool(self) -> Any:
-        from ganeti_kvm import uidpool
-
+    def _uid_pool(self) -> uidpool.UidPool:
         if not self.uid_pool_text:
             raise errors.HypervisorError(
                 "Security model 'pool' needs a uid pool: pass uid_pool= to the hypervisor "
@@ -250,6 +252,9 @@ class KvmNode:
             self._make_chroot(paths)
             undo.push("remove chroot", lambda: self._retire_chroot(paths, record.name))
         taps = self._open_taps(record, undo)
+        # Saved once the TAP names are known, before QEMU starts.
+        runtime.save(paths.runtime_file, record)
+        undo.push("remove runtime record", lambda: fsutil.remove_file(paths.runtime_file))
         argv = list(record.argv)
         argv += cmdline.build_nic_argv(
             [cmdline.NicSpec(model=cmdline.NIC_MODELS[hvp[c.HV_NIC_TYPE]],
@@ -315,8 +320,6 @@ class KvmNode:
                    undo: _StartUndo) -> list[tuple[int, str]]:
         if not record.nics:
             return []
-        from ganeti_kvm import netdev
-
         vnet_hdr = record.hvparams[c.HV_NIC_TYPE] == c.HT_NIC_PARAVIRTUAL
         taps = []
         for nic in record.nics:
@@ -324,15 +327,12 @@ class KvmNode:
             undo.push(f"close tap {name}", lambda fd=fd: _close_quietly(fd))
             nic["tap"] = name
             taps.append((fd, name))
-        runtime.save(self.paths(record.name).runtime_file, record)
         return taps
 
     def _configure_nics(self, record: runtime.RuntimeRecord) -> None:
         """Run the ifup hook once per NIC (after QEMU holds the TAP devices)."""
         if not record.nics:
             return
-        from ganeti_kvm import ifup
-
         for index, nic in enumerate(record.nics):
             env = ifup.nic_environment(record.name, _NicView(nic), index, nic["tap"],
                                        record.tags)
@@ -443,20 +443,26 @@ class KvmNode:
 
     # --- listing -------------------------------------------------------------
 
-    def list_names(self) -> list[str]:
-        """Names of the instances whose QEMU really runs."""
+    def _scan(self) -> list[tuple[InstancePaths, int, list[str]]]:
+        """Every instance whose QEMU really runs: its paths, PID and argv."""
         try:
-            entries = os.listdir(self.layout.pid_dir)
+            entries = sorted(os.listdir(self.layout.pid_dir))
         except FileNotFoundError:
             return []
-        names = []
-        for entry in sorted(entries):
+        found = []
+        for entry in entries:
             try:
-                if self.running_pid(entry) is not None:
-                    names.append(entry)
+                paths = self.paths(entry)
             except errors.HypervisorError:
                 continue  # not an instance name of ours
-        return names
+            running = self._running(paths)
+            if running is not None:
+                found.append((paths, *running))
+        return found
+
+    def list_names(self) -> list[str]:
+        """Names of the instances whose QEMU really runs."""
+        return [paths.name for paths, _, _ in self._scan()]
 
     def info(self, name: str) -> InstanceInfo | None:
         """The running instance ``name``, or None; never raises for a dead instance."""
@@ -464,12 +470,11 @@ class KvmNode:
             paths = self.paths(name)
         except errors.HypervisorError:
             return None
-        pid = process.read_pidfile(paths.pidfile)
-        if pid is None or not process.runs_instance(pid, name, paths.pidfile):
+        running = self._running(paths)
+        if running is None:
             return None
-        memory, vcpus = _memory_vcpus(process.cmdline(pid) or [])
-        return InstanceInfo(name=name, pid=pid, memory=memory, vcpus=vcpus,
-                            state=self._state(pid, paths), cpu_time=_cpu_time(pid))
+        pid, argv = running
+        return _info(name, pid, argv, self._state(pid, paths))
 
     def all_info(self) -> list[InstanceInfo]:
         """Every running instance.
@@ -478,29 +483,15 @@ class KvmNode:
         answer, so a node with many instances answers in a fraction of the
         time a sequential loop would take.
         """
-        running = []
-        for name in self.list_names():
-            paths = self.paths(name)
-            pid = process.read_pidfile(paths.pidfile)
-            if pid is not None:
-                running.append((name, pid, paths))
-        if not running:
-            return []
-        if len(running) == 1:
-            states = [self._state(running[0][1], running[0][2])]
+        running = self._scan()
+        if len(running) <= 1:
+            states = [self._state(pid, paths) for paths, pid, _ in running]
         else:
             workers = min(len(running), LIST_WORKERS)
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                states = list(pool.map(lambda item: self._state(item[1], item[2]), running))
-        result = []
-        for (name, pid, _), state in zip(running, states):
-            argv = process.cmdline(pid)
-            if argv is None:
-                continue  # it exited meanwhile
-            memory, vcpus = _memory_vcpus(argv)
-            result.append(InstanceInfo(name=name, pid=pid, memory=memory, vcpus=vcpus,
-                                       state=state, cpu_time=_cpu_time(pid)))
-        return result
+                states = list(pool.map(lambda item: self._state(item[1], item[0]), running))
+        return [_info(paths.name, pid, argv, state)
+                for (paths, pid, argv), state in zip(running, states)]
 
     @staticmethod
     def _state(pid: int, paths: InstancePaths) -> str:
@@ -534,6 +525,12 @@ class _NicView:
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _info(name: str, pid: int, argv: Sequence[str], state: str) -> InstanceInfo:
+    memory, vcpus = _memory_vcpus(argv)
+    return InstanceInfo(name=name, pid=pid, memory=memory, vcpus=vcpus, state=state,
+                        cpu_time=_cpu_time(pid))
 
 
 def _memory_vcpus(argv: Sequence[str]) -> tuple[int, int]:

@@ -261,7 +261,6 @@ def accept(node: KvmNode, name: str, info: str, target: str) -> None:
             raise errors.MigrationError(
                 f"Cannot accept instance {name}: it is already running on this node")
         node._remove_leftovers(paths)
-        node.caps(record.hvparams[c.HV_KVM_PATH])
         node.start_from_record(record, incoming=f"tcp:{_uri_host(target)}:{port}",
                                run_ifup=False)
 

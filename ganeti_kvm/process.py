@@ -61,19 +61,26 @@ def is_alive(pid: int) -> bool:
     return current is not None and current not in ("Z", "X")
 
 
-def runs_instance(pid: int, name: str, pidfile: str) -> bool:
-    """Whether ``pid`` is a live QEMU started for instance ``name`` with ``pidfile``.
+def instance_argv(pid: int, name: str, pidfile: str) -> list[str] | None:
+    """The argv of ``pid`` if it is a live QEMU started for instance ``name`` with
+    ``pidfile``, else None.
 
     A PID from a stale pidfile may have been reused by an unrelated process;
     only a process whose command line names this instance and this pidfile
     counts.
     """
     if not is_alive(pid):
-        return False
+        return None
     argv = cmdline(pid)
-    if not argv:
-        return False
-    return _option_value(argv, "-name") == name and _option_value(argv, "-pidfile") == pidfile
+    if not argv or _option_value(argv, "-name") != name \
+            or _option_value(argv, "-pidfile") != pidfile:
+        return None
+    return argv
+
+
+def runs_instance(pid: int, name: str, pidfile: str) -> bool:
+    """Whether ``pid`` is a live QEMU started for instance ``name`` with ``pidfile``."""
+    return instance_argv(pid, name, pidfile) is not None
 
 
 def _option_value(argv: list[str], option: str) -> str | None:

@@ -14,8 +14,8 @@ import pwd
 from collections.abc import Mapping
 from typing import Any
 
+from ganeti_kvm import cmdline, errors, hv_base
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, hv_base
 
 
 def _is_ipv4(value: str) -> bool:
@@ -95,6 +95,18 @@ def fill(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
     filled = dict(c.HVC_DEFAULTS[c.HT_KVM])
     filled.update(hvparams or {})
     return filled
+
+
+def check_all_syntax(hvparams: Mapping[str, Any]) -> None:
+    """The whole syntax check: the table, then the checks between keys."""
+    hv_base.apply_syntax_checks(PARAMETERS, c.HVS_PARAMETER_TYPES, hvparams)
+    check_syntax(hvparams)
+
+
+def check_all_node(hvparams: Mapping[str, Any], caps: Any) -> None:
+    """The whole node check: the table's files and directories, then :func:`check_node`."""
+    hv_base.apply_node_checks(PARAMETERS, hvparams)
+    check_node(hvparams, caps)
 
 
 def check_syntax(hvparams: Mapping[str, Any]) -> None:
@@ -180,8 +192,6 @@ def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev
 
 
 def _needed_devices(hvparams: Mapping[str, Any]) -> set[str]:
-    from ganeti_kvm import cmdline  # local: cmdline is the source of the device names
-
     devices = set(cmdline.DISK_DEVICES.get(hvparams[c.HV_DISK_TYPE], ()))
     devices.add(cmdline.NIC_MODELS[hvparams[c.HV_NIC_TYPE]])
     if hvparams[c.HV_CDROM_IMAGE_PATH]:

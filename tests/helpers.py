@@ -8,11 +8,14 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import time
 from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import objects, paths, process
+from ganeti_kvm.console_wrapper import find_serial_chardev
+from ganeti_kvm.qmp import qmp_execute
 
 
 def guest_hvparams(qemu_bin: str, guest: Any, **overrides: Any) -> dict[str, Any]:
@@ -117,3 +120,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class BareVm:
+    """A guest-less QEMU started paused (-S) with a QMP and a serial socket."""
+
+    def __init__(self, qemu_bin: str, directory: str, extra: tuple[str, ...] = ()) -> None:
+        self.qmp = os.path.join(directory, "qmp")
+        self.serial = os.path.join(directory, "serial")
+        self.pidfile = os.path.join(directory, "pid")
+        argv = [qemu_bin, "-S", "-nodefaults", "-display", "none",
+                "-machine", "pc,accel=tcg", "-m", "64",
+                "-qmp", f"unix:{self.qmp},server=on,wait=off",
+                "-chardev", f"socket,id=serial0,path={self.serial},server=on,wait=off",
+                "-serial", "chardev:serial0",
+                "-daemonize", "-pidfile", self.pidfile, *extra]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"QEMU failed to start: {result.stderr}"
+        with open(self.pidfile, encoding="ascii") as handle:
+            self.pid = int(handle.read().strip())
+
+    def status(self) -> str:
+        return str(qmp_execute(self.qmp, "query-status", timeout=10)["status"])
+
+    def serial_filename(self) -> str:
+        chardev = find_serial_chardev(qmp_execute(self.qmp, "query-chardev", timeout=10),
+                                      self.serial)
+        assert chardev is not None
+        return str(chardev["filename"])

@@ -18,39 +18,12 @@ import pytest
 
 from ganeti_kvm import constants
 from ganeti_kvm.console_wrapper import escape_description, find_serial_chardev, main
-from ganeti_kvm.qmp import QmpClient, qmp_execute
+from ganeti_kvm.qmp import QmpClient
+from tests.helpers import BareVm as Vm
 
 WRAPPER = constants.KVM_CONSOLE_WRAPPER
 TERMINAL = "STDIO,raw,echo=0,escape=0x1d"
 ESCAPE = b"\x1d"
-
-
-class Vm:
-    """A guest-less QEMU started paused (-S) with a QMP and a serial socket."""
-
-    def __init__(self, qemu_bin: str, directory: str, extra: tuple[str, ...] = ()) -> None:
-        self.qmp = os.path.join(directory, "qmp")
-        self.serial = os.path.join(directory, "serial")
-        self.pidfile = os.path.join(directory, "pid")
-        argv = [qemu_bin, "-S", "-nodefaults", "-display", "none",
-                "-machine", "pc,accel=tcg", "-m", "64",
-                "-qmp", f"unix:{self.qmp},server=on,wait=off",
-                "-chardev", f"socket,id=serial0,path={self.serial},server=on,wait=off",
-                "-serial", "chardev:serial0",
-                "-daemonize", "-pidfile", self.pidfile, *extra]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, f"QEMU failed to start: {result.stderr}"
-        with open(self.pidfile, encoding="ascii") as handle:
-            self.pid = int(handle.read().strip())
-
-    def status(self) -> str:
-        return str(qmp_execute(self.qmp, "query-status", timeout=10)["status"])
-
-    def serial_filename(self) -> str:
-        chardev = find_serial_chardev(qmp_execute(self.qmp, "query-chardev", timeout=10),
-                                      self.serial)
-        assert chardev is not None
-        return str(chardev["filename"])
 
 
 class Console:

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import pytest
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
 from ganeti_kvm.qmp import QmpClient, qmp_execute
+from tests.helpers import BareVm as Vm
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10},
                                 "package": "fake"},
@@ -350,25 +350,6 @@ def test_human_command_and_qmp_execute(fake: Callable[..., FakeQmp]) -> None:
 
 # ----------------------------------------------------------------------
 # Real QEMU
-
-
-class Vm:
-    """A guest-less QEMU started paused (-S) with a QMP and a serial socket."""
-
-    def __init__(self, qemu_bin: str, directory: str, extra: tuple[str, ...] = ()) -> None:
-        self.qmp = os.path.join(directory, "qmp")
-        self.serial = os.path.join(directory, "serial")
-        self.pidfile = os.path.join(directory, "pid")
-        argv = [qemu_bin, "-S", "-nodefaults", "-display", "none",
-                "-machine", "pc,accel=tcg", "-m", "64",
-                "-qmp", f"unix:{self.qmp},server=on,wait=off",
-                "-chardev", f"socket,id=serial0,path={self.serial},server=on,wait=off",
-                "-serial", "chardev:serial0",
-                "-daemonize", "-pidfile", self.pidfile, *extra]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 0, f"QEMU failed to start: {result.stderr}"
-        with open(self.pidfile, encoding="ascii") as handle:
-            self.pid = int(handle.read().strip())
 
 
 @pytest.fixture
