@@ -9,7 +9,6 @@ QEMU process, files) is released if a later phase fails.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime
 import logging
@@ -17,7 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,7 @@ from ganeti_kvm import (
     netdev,
     process,
     qemu_caps,
+    qmp_batch,
     runtime,
     uidpool,
     validation,
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 LAUNCH_TIMEOUT = 120.0  # the daemonizing QEMU parent must exit within this
 QMP_READY_TIMEOUT = 30.0  # QMP must answer within this after the parent exited
 LIST_QMP_TIMEOUT = 1.0  # a listing call waits at most this for one instance
-LIST_WORKERS = 8  # monitors asked at once by GetAllInstancesInfo
 UID_POOL_ENV = "GANETI_KVM_UID_POOL"
 
 
@@ -143,16 +142,15 @@ class KvmNode:
     def running_pid(self, name: str) -> int | None:
         """The PID of instance ``name``'s QEMU if it really runs, else None."""
         found = self._running(self.paths(name))
-        return found[0] if found else None
+        return found.pid if found else None
 
     @staticmethod
-    def _running(paths: InstancePaths) -> tuple[int, list[str]] | None:
-        """PID and argv of the instance's QEMU if it really runs, read from /proc once."""
+    def _running(paths: InstancePaths) -> process.QemuProcess | None:
+        """The instance's QEMU if it really runs, read from /proc once."""
         pid = process.read_pidfile(paths.pidfile)
         if pid is None:
             return None
-        argv = process.instance_argv(pid, paths.name, paths.pidfile)
-        return (pid, argv) if argv is not None else None
+        return process.instance_process(pid, paths.name, paths.pidfile)
 
     def load_record(self, name: str) -> runtime.RuntimeRecord | None:
         """The saved runtime record of ``name``, or None."""
@@ -354,7 +352,7 @@ class KvmNode:
             return
         except OSError:
             pass
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = os.path.join(self.layout.quarantine_dir, f"{name}-{stamp}")
         shutil.move(paths.chroot, target)
         log.warning("The chroot of instance %s was not empty after it stopped (a possible "
@@ -443,26 +441,24 @@ class KvmNode:
 
     # --- listing -------------------------------------------------------------
 
-    def _scan(self) -> list[tuple[InstancePaths, int, list[str]]]:
-        """Every instance whose QEMU really runs: its paths, PID and argv."""
+    def _scan(self) -> Iterator[tuple[InstancePaths, process.QemuProcess]]:
+        """Every instance whose QEMU really runs, with what /proc showed of it."""
         try:
             entries = sorted(os.listdir(self.layout.pid_dir))
         except FileNotFoundError:
-            return []
-        found = []
+            return
         for entry in entries:
             try:
                 paths = self.paths(entry)
             except errors.HypervisorError:
                 continue  # not an instance name of ours
-            running = self._running(paths)
-            if running is not None:
-                found.append((paths, *running))
-        return found
+            found = self._running(paths)
+            if found is not None:
+                yield paths, found
 
     def list_names(self) -> list[str]:
         """Names of the instances whose QEMU really runs."""
-        return [paths.name for paths, _, _ in self._scan()]
+        return [paths.name for paths, _ in self._scan()]
 
     def info(self, name: str) -> InstanceInfo | None:
         """The running instance ``name``, or None; never raises for a dead instance."""
@@ -470,39 +466,12 @@ class KvmNode:
             paths = self.paths(name)
         except errors.HypervisorError:
             return None
-        running = self._running(paths)
-        if running is None:
-            return None
-        pid, argv = running
-        return _info(name, pid, argv, self._state(pid, paths))
+        found = self._running(paths)
+        return None if found is None else _describe([(paths, found)])[0]
 
     def all_info(self) -> list[InstanceInfo]:
-        """Every running instance.
-
-        The monitors are asked concurrently: most of a query's time is QEMU's
-        answer, so a node with many instances answers in a fraction of the
-        time a sequential loop would take.
-        """
-        running = self._scan()
-        if len(running) <= 1:
-            states = [self._state(pid, paths) for paths, pid, _ in running]
-        else:
-            workers = min(len(running), LIST_WORKERS)
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                states = list(pool.map(lambda item: self._state(item[1], item[0]), running))
-        return [_info(paths.name, pid, argv, state)
-                for (paths, pid, argv), state in zip(running, states)]
-
-    @staticmethod
-    def _state(pid: int, paths: InstancePaths) -> str:
-        if process.state(pid) == "T":
-            return c.HV_STATE_UNKNOWN  # SIGSTOPped: its monitor cannot answer
-        try:
-            with QmpClient(paths.qmp_socket, timeout=LIST_QMP_TIMEOUT) as qmp:
-                status = qmp.execute("query-status")
-        except errors.MonitorError:
-            return c.HV_STATE_UNKNOWN
-        return c.HV_STATE_RUNNING if status.get("running") else c.HV_STATE_PAUSED
+        """Every running instance."""
+        return _describe(self._scan())
 
     def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None,
             timeout: float = 10.0) -> Any:
@@ -527,10 +496,34 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _info(name: str, pid: int, argv: Sequence[str], state: str) -> InstanceInfo:
-    memory, vcpus = _memory_vcpus(argv)
-    return InstanceInfo(name=name, pid=pid, memory=memory, vcpus=vcpus, state=state,
-                        cpu_time=_cpu_time(pid))
+def _describe(found: Iterable[tuple[InstancePaths, process.QemuProcess]]) -> list[InstanceInfo]:
+    """InstanceInfo for each running instance, asking all their monitors at once.
+
+    Each monitor is asked as soon as its instance is found, so QEMU answers
+    while the rest of /proc is read.  A SIGSTOPped QEMU cannot answer: its
+    monitor is not asked and its state is unknown, as is the state of a
+    monitor that fails or is held by another client for
+    :data:`LIST_QMP_TIMEOUT`.
+    """
+    with qmp_batch.Batch("query-status", LIST_QMP_TIMEOUT) as batch:
+        asked = [(paths, proc,
+                  None if proc.stat.state == "T" else batch.ask(paths.qmp_socket))
+                 for paths, proc in found]
+        answers = batch.answers()
+    described = []
+    for paths, proc, ticket in asked:
+        memory, vcpus = _memory_vcpus(proc.argv)
+        state = _run_state(None if ticket is None else answers[ticket])
+        described.append(InstanceInfo(name=paths.name, pid=proc.pid, memory=memory,
+                                      vcpus=vcpus, state=state, cpu_time=proc.stat.cpu_time))
+    return described
+
+
+def _run_state(status: Any) -> str:
+    """The hypervisor state for a ``query-status`` answer (anything else: unknown)."""
+    if not isinstance(status, dict):
+        return c.HV_STATE_UNKNOWN
+    return c.HV_STATE_RUNNING if status.get("running") else c.HV_STATE_PAUSED
 
 
 def _memory_vcpus(argv: Sequence[str]) -> tuple[int, int]:
@@ -546,19 +539,3 @@ def _memory_vcpus(argv: Sequence[str]) -> tuple[int, int]:
                 vcpus = int(value.split(",")[0].removeprefix("cpus="))
     return memory, vcpus
 
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_time(pid: int) -> float:
-    """CPU seconds (user + system) used by ``pid`` so far; 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return 0.0
-    fields = raw[raw.rfind(b")") + 2:].split()
-    try:
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    except (IndexError, ValueError):
-        return 0.0

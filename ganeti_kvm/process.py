@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import time
+from typing import NamedTuple
 
 from ganeti_kvm import fsutil
 
@@ -41,8 +42,18 @@ def cmdline(pid: int) -> list[str] | None:
     return [part.decode("utf-8", "surrogateescape") for part in raw.rstrip(b"\0").split(b"\0")]
 
 
-def state(pid: int) -> str | None:
-    """The one-letter scheduler state of ``pid`` (R, S, T, Z ...), or None if it is gone."""
+class Stat(NamedTuple):
+    """What /proc/PID/stat says of a process that the listing calls need."""
+
+    state: str  # the one-letter scheduler state: R, S, T, Z ...
+    cpu_time: float  # user + system CPU seconds so far
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stat(pid: int) -> Stat | None:
+    """State and CPU time of ``pid`` from one read of /proc/PID/stat; None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read()
@@ -50,9 +61,20 @@ def state(pid: int) -> str | None:
         return None
     # The command name is in parentheses and may contain anything; the state follows it.
     close = raw.rfind(b")")
-    if close < 0 or close + 2 >= len(raw):
+    fields = raw[close + 2:].split()
+    if close < 0 or not fields:
         return None
-    return raw[close + 2:close + 3].decode("ascii", "replace")
+    try:
+        cpu_time = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (IndexError, ValueError):
+        cpu_time = 0.0
+    return Stat(fields[0][:1].decode("ascii", "replace"), cpu_time)
+
+
+def state(pid: int) -> str | None:
+    """The one-letter scheduler state of ``pid`` (R, S, T, Z ...), or None if it is gone."""
+    current = stat(pid)
+    return None if current is None else current.state
 
 
 def is_alive(pid: int) -> bool:
@@ -61,26 +83,35 @@ def is_alive(pid: int) -> bool:
     return current is not None and current not in ("Z", "X")
 
 
-def instance_argv(pid: int, name: str, pidfile: str) -> list[str] | None:
-    """The argv of ``pid`` if it is a live QEMU started for instance ``name`` with
+class QemuProcess(NamedTuple):
+    """A live QEMU of one instance, as /proc showed it."""
+
+    pid: int
+    argv: list[str]
+    stat: Stat
+
+
+def instance_process(pid: int, name: str, pidfile: str) -> QemuProcess | None:
+    """``pid`` if it is a live QEMU started for instance ``name`` with
     ``pidfile``, else None.
 
     A PID from a stale pidfile may have been reused by an unrelated process;
     only a process whose command line names this instance and this pidfile
     counts.
     """
-    if not is_alive(pid):
+    current = stat(pid)
+    if current is None or current.state in ("Z", "X"):
         return None
     argv = cmdline(pid)
     if not argv or _option_value(argv, "-name") != name \
             or _option_value(argv, "-pidfile") != pidfile:
         return None
-    return argv
+    return QemuProcess(pid, argv, current)
 
 
 def runs_instance(pid: int, name: str, pidfile: str) -> bool:
     """Whether ``pid`` is a live QEMU started for instance ``name`` with ``pidfile``."""
-    return instance_argv(pid, name, pidfile) is not None
+    return instance_process(pid, name, pidfile) is not None
 
 
 def _option_value(argv: list[str], option: str) -> str | None:

@@ -22,7 +22,6 @@ The client is not thread-safe: use one instance per thread.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import socket
 import time
@@ -31,7 +30,9 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
+from ganeti_kvm.errors import MonitorError, MonitorTimeout
+from ganeti_kvm.qmp_batch import Batch
+from ganeti_kvm.qmp_wire import command_error, connect_error, decode_message, encode_request
 
 __all__ = ["QmpClient", "qmp_execute", "DEFAULT_TIMEOUT"]
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 _RECV_SIZE = 65536
+_CAPABILITIES = encode_request("qmp_capabilities")
 
 
 class QmpClient:
@@ -103,22 +105,12 @@ class QmpClient:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(self.path)
-            except FileNotFoundError:
-                raise MonitorError(
-                    f"QMP socket {self.path} does not exist; the instance is not running "
-                    "(start it, or check the runtime directory)") from None
-            except ConnectionRefusedError:
-                raise MonitorError(
-                    f"Nothing listens on QMP socket {self.path} (connection refused); "
-                    "QEMU has exited, start the instance again") from None
             except TimeoutError:
                 raise MonitorTimeout(
                     f"Connecting to QMP socket {self.path} timed out after "
                     f"{self.timeout:g}s; QEMU is stopped or hung, check its process") from None
             except OSError as err:
-                raise MonitorError(
-                    f"Cannot connect to QMP socket {self.path}: {err.strerror or err}; "
-                    "check the path (at most 107 bytes) and its permissions") from None
+                raise connect_error(self.path, err) from None
         except BaseException:
             sock.close()
             raise
@@ -126,6 +118,10 @@ class QmpClient:
         self._buffer.clear()
         self._eof = False
         try:
+            # Sent before the greeting arrives: QEMU reads it once the greeting
+            # is out, which saves a round trip.  A fresh connection has no
+            # stale replies, so no id is needed.
+            self._send(_CAPABILITIES, deadline, "qmp_capabilities")
             greeting = self._read_message(deadline, "waiting for the QMP greeting")
             while "QMP" not in greeting:
                 if "event" in greeting:
@@ -136,8 +132,7 @@ class QmpClient:
                     f"QMP socket {self.path} sent {greeting!r} instead of a QMP greeting; "
                     "check that the path is a QMP (not a human monitor) socket")
             self.greeting = greeting
-            # A fresh connection has no stale replies: no id needed.
-            self._command("qmp_capabilities", None, deadline, with_id=False)
+            self._reply("qmp_capabilities", None, deadline)
         except BaseException:
             self.close()
             raise
@@ -196,20 +191,18 @@ class QmpClient:
         return result
 
     def _command(self, command: str, arguments: dict[str, Any] | None,
-                 deadline: float, with_id: bool = True) -> Any:
+                 deadline: float) -> Any:
         """Send ``command`` and read until its reply or the deadline.
 
         The id (unique within this client) lets a late reply to an earlier,
         timed-out command be recognised and dropped.
         """
-        msg_id = next(self._ids) if with_id else None
-        request: dict[str, Any] = {"execute": command}
-        if msg_id is not None:
-            request["id"] = msg_id
-        if arguments is not None:
-            request["arguments"] = arguments
-        data = json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n"
-        self._send(data, deadline, command)
+        msg_id = next(self._ids)
+        self._send(encode_request(command, arguments, msg_id), deadline, command)
+        return self._reply(command, msg_id, deadline)
+
+    def _reply(self, command: str, msg_id: int | None, deadline: float) -> Any:
+        """Read until the reply to ``command`` (sent with ``msg_id``) or the deadline."""
         what = f"waiting for the reply to {command}"
         while True:
             message = self._read_message(deadline, what)
@@ -225,12 +218,7 @@ class QmpClient:
                 logger.debug("Dropping stale QMP reply on %s: %r", self.path, message)
                 continue
             if "error" in message:
-                error = message["error"] if isinstance(message["error"], dict) else {}
-                error_class = str(error.get("class", ""))
-                desc = str(error.get("desc", message["error"]))
-                raise QmpCommandError(
-                    f"QMP command {command} on {self.path} failed: {error_class}: {desc}",
-                    error_class=error_class, desc=desc)
+                raise command_error(self.path, command, message["error"])
             return message["return"]
 
     # ------------------------------------------------------------------
@@ -331,7 +319,7 @@ class QmpClient:
                 del self._buffer[:newline + 1]
                 if not line.strip():
                     continue
-                return self._decode(line, what)
+                return decode_message(self.path, line, what)
             if self._eof:
                 self.close()
                 raise MonitorError(
@@ -361,20 +349,6 @@ class QmpClient:
                 continue
             self._buffer += chunk
 
-    def _decode(self, line: bytes, what: str) -> dict[str, Any]:
-        """Parse one line of QMP output."""
-        try:
-            message = json.loads(line)
-        except ValueError as err:
-            raise MonitorError(
-                f"QMP socket {self.path} sent invalid JSON while {what}: "
-                f"{err}: {line[:200]!r}; is this a QMP socket?") from None
-        if not isinstance(message, dict):
-            raise MonitorError(
-                f"QMP socket {self.path} sent {message!r} while {what}; "
-                "expected a JSON object, is this a QMP socket?")
-        return message
-
     def _require_socket(self, what: str) -> socket.socket:
         """Return the open socket or explain that there is none."""
         if self._sock is None:
@@ -394,9 +368,14 @@ def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None
                 timeout: float = DEFAULT_TIMEOUT) -> Any:
     """Connect to ``path``, run one QMP command, close, and return its result.
 
-    ``timeout`` bounds the connection and the command separately.  Raises the
-    same exceptions as :meth:`QmpClient.connect` and :meth:`QmpClient.execute`.
+    The negotiation and the command go out in one write, so the whole
+    exchange is a single round trip.  ``timeout`` bounds all of it.  Raises
+    :class:`MonitorError` (:class:`MonitorTimeout`, :class:`QmpCommandError`)
+    like :meth:`QmpClient.execute`.
     """
-    with QmpClient(path, timeout=timeout) as client:
-        client.connect()
-        return client.execute(command, arguments)
+    with Batch(command, timeout, arguments) as batch:
+        batch.ask(path)
+        [outcome] = batch.answers()
+    if isinstance(outcome, MonitorError):
+        raise outcome
+    return outcome

@@ -10,12 +10,13 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from ganeti_kvm import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
+from tests.fakeqmp import FakeQmp, Peer
 from tests.helpers import kill_instances
 
 CACHE_DIR = os.environ.get("GANETI_KVM_CACHE", "/var/cache/ganeti-kvm")
@@ -134,3 +135,20 @@ def nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
     finally:
         kill_instances(source.node.layout.root)
         kill_instances(target.node.layout.root)
+
+
+@pytest.fixture
+def fake(short_dir: str) -> Iterator[Callable[..., FakeQmp]]:
+    """Factory: ``fake(script)`` starts a fake QMP server on a socket in short_dir."""
+    servers: list[FakeQmp] = []
+
+    def start(script: Callable[[Peer], None], connections: int = 1) -> FakeQmp:
+        server = FakeQmp(os.path.join(short_dir, f"qmp{len(servers)}"), script, connections)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.release.set()
+        server.listener.close()
+        server.thread.join(10)

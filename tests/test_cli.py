@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cli, errors
+from ganeti_kvm import cli, errors, process
 from ganeti_kvm import constants as c
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.migration import MigrationStatus
-from tests.helpers import free_port, guest_hvparams, kill_instances
+from tests.helpers import SerialReader, free_port, guest_hvparams, kill_instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "instance.json")
@@ -371,6 +371,38 @@ def test_subprocess_start_error_and_lifecycle(run_dirs, short_dir, qemu72, guest
     result = _command("--run-dir", run, "stop", "cli2", "--force")
     assert result.returncode == 0, result.stderr
     assert json.loads(_command("--run-dir", run, "list", "--json").stdout) == []
+
+
+def test_stop_by_power_button_and_by_force_after_timeout(run_dirs, short_dir, qemu72,
+                                                        guest) -> None:
+    """``stop`` presses the ACPI button; a guest that ignores it is forced after --timeout."""
+    run, _ = run_dirs
+    node = KVMHypervisor(run_dir=run).node
+    spec = write_spec(short_dir, guest_spec("cli4", qemu72, guest), "acpi.json")
+    result = _command("--run-dir", run, "start", spec)
+    assert result.returncode == 0, result.stderr
+    serial = SerialReader(node.paths("cli4").serial_socket)
+    try:
+        serial.read_until("READY")
+        result = _command("--run-dir", run, "stop", "cli4", "--timeout", "60")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "Instance cli4 stopped\n"
+        assert result.stderr == ""  # powered off by itself: nothing was forced
+        serial.read_until("POWER BUTTON")  # the guest heard the button
+    finally:
+        serial.close()
+    assert node.list_names() == []
+
+    # A paused guest cannot act on the button: the timeout ends it by signal.
+    result = _command("--run-dir", run, "start", "--paused", spec)
+    assert result.returncode == 0, result.stderr
+    pid = node.running_pid("cli4")
+    result = _command("--run-dir", run, "stop", "cli4", "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Instance cli4 stopped\n"
+    assert "cli4 did not power off within 1.0 s; terminating it" in result.stderr
+    assert pid is not None and not process.is_alive(pid)
+    assert node.list_names() == []
 
 
 def test_migrate_between_run_dirs(run_dirs, short_dir, qemu_bin, guest, capsys) -> None:

@@ -1,0 +1,234 @@
+"""One QMP question to many monitors at once, in one thread.
+
+Listing a node asks every instance's monitor the same short question
+(``query-status``).  With one :class:`~ganeti_kvm.qmp.QmpClient` per instance
+that costs three round trips each (greeting, ``qmp_capabilities``, the
+command), one after the other.  Here each connection sends its two requests
+in a single write as soon as it is open: QEMU handles a monitor's requests in
+order, so the command is dispatched right after negotiation ends.  All
+connections progress together under one selector, so the wall time of a
+node's listing is about that of its slowest monitor, not the sum.
+
+Every exchange is bounded by one deadline.  A monitor that is stopped, hung
+or held by another client gives a :class:`MonitorTimeout` for that socket
+only; the other answers are unaffected.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ganeti_kvm.errors import MonitorError, MonitorTimeout
+from ganeti_kvm.qmp_wire import command_error, connect_error, decode_message, encode_request
+
+__all__ = ["Batch", "execute_each"]
+
+_RECV_SIZE = 65536
+_RETRY_CONNECT = 0.002  # seconds between connects to a monitor whose backlog is full
+
+
+class _Exchange:
+    """One socket's part of the batch: the bytes so far and where it stands."""
+
+    def __init__(self, path: str, command: str) -> None:
+        self.path = path
+        self.command = command
+        self.sock: socket.socket | None = None
+        self.buffer = b""
+        self.greeted = False
+        self.negotiated = False
+        self.outcome: Any = None
+        self.done = False
+
+    def connect(self, request: bytes) -> bool:
+        """Connect and send ``request``; False if the monitor's backlog is full."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+            # A fresh unix socket's send buffer is empty: a short request fits at once.
+            sent = sock.send(request)
+        except BlockingIOError:
+            sock.close()
+            return False
+        except OSError as err:
+            sock.close()
+            raise connect_error(self.path, err) from None
+        if sent != len(request):  # pragma: no cover - cannot happen on a fresh socket
+            sock.close()
+            raise MonitorError(f"Could not send {self.command} to QMP socket {self.path} "
+                               "in one write; retry the call")
+        self.sock = sock
+        return True
+
+    def feed(self, chunk: bytes) -> None:
+        """Take bytes from QEMU; sets :attr:`outcome` once the command's reply is in."""
+        if not chunk:
+            raise MonitorError(
+                f"QEMU closed the monitor connection {self.path} while answering "
+                f"{self.command}; check whether the instance is still running")
+        self.buffer += chunk
+        while not self.done and b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line.strip():
+                self._message(decode_message(self.path, line, f"answering {self.command}"))
+
+    def _message(self, message: dict[str, Any]) -> None:
+        if "event" in message:
+            return  # an event between the replies is not an answer
+        if not self.greeted:
+            if "QMP" not in message:
+                raise MonitorError(
+                    f"QMP socket {self.path} sent {message!r} instead of a QMP greeting; "
+                    "check that the path is a QMP (not a human monitor) socket")
+            self.greeted = True
+            return
+        if "error" in message:
+            command = self.command if self.negotiated else "qmp_capabilities"
+            raise command_error(self.path, command, message["error"])
+        if "return" not in message:
+            return
+        if not self.negotiated:
+            self.negotiated = True
+            return
+        self.outcome = message["return"]
+        self.done = True
+
+    def fail(self, error: MonitorError) -> None:
+        self.outcome = error
+        self.done = True
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Batch:
+    """Ask many monitors the same QMP ``command`` (with ``arguments``) at once.
+
+    :meth:`ask` opens the connection and sends the requests at once, so QEMU
+    starts working while the caller goes on (e.g. reading /proc for the next
+    instance); :meth:`answers` then collects every reply.  ``timeout`` bounds
+    the whole batch from its creation.  Use it as a context manager so that
+    no socket outlives it::
+
+        with Batch("query-status", timeout=1.0) as batch:
+            for path in paths:
+                batch.ask(path)
+            statuses = batch.answers()
+    """
+
+    def __init__(self, command: str, timeout: float,
+                 arguments: dict[str, Any] | None = None) -> None:
+        if timeout <= 0:
+            raise ValueError(f"QMP timeout must be positive, got {timeout!r}")
+        self.command = command
+        self.timeout = float(timeout)
+        self._deadline = time.monotonic() + self.timeout
+        self._request = encode_request("qmp_capabilities") + encode_request(command, arguments)
+        self._exchanges: list[_Exchange] = []
+        self._unconnected: list[_Exchange] = []
+        self._selector = selectors.DefaultSelector()
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def ask(self, path: str) -> int:
+        """Send the question to QMP socket ``path``; the index of its answer."""
+        exchange = _Exchange(path, self.command)
+        self._exchanges.append(exchange)
+        if not self._connect(exchange):
+            self._unconnected.append(exchange)
+        return len(self._exchanges) - 1
+
+    def answers(self) -> list[Any | MonitorError]:
+        """Each asked monitor's ``"return"`` value, in the order asked, or its error.
+
+        The error is a :class:`MonitorTimeout` if the monitor did not answer
+        before the batch's deadline, a :class:`QmpCommandError` if QEMU
+        refused the command, and a :class:`MonitorError` otherwise.  One
+        monitor's failure never raises.
+        """
+        try:
+            while self._unconnected or self._selector.get_map():
+                self._unconnected = [ex for ex in self._unconnected if not self._connect(ex)]
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                pause = min(remaining, _RETRY_CONNECT) if self._unconnected else remaining
+                for key, _ in self._selector.select(pause):
+                    self._read(key.data)
+        finally:
+            self.close()
+        return [exchange.outcome for exchange in self._exchanges]
+
+    def close(self) -> None:
+        """Close every connection; unanswered questions time out.  Safe to call twice."""
+        for exchange in self._exchanges:
+            if not exchange.done:
+                exchange.fail(MonitorTimeout(
+                    f"Timed out after {self.timeout:g}s waiting for the reply to "
+                    f"{self.command} on QMP socket {exchange.path}; QEMU is stopped, hung "
+                    "or busy, or another client holds the monitor: check the QEMU process"))
+        self._unconnected = []
+        self._selector.close()
+
+    def _connect(self, exchange: _Exchange) -> bool:
+        """Connect ``exchange`` and watch it; False means "its backlog is full, retry"."""
+        try:
+            if not exchange.connect(self._request):
+                return False
+        except MonitorError as err:
+            exchange.fail(err)
+            return True
+        assert exchange.sock is not None
+        self._selector.register(exchange.sock, selectors.EVENT_READ, exchange)
+        return True
+
+    def _read(self, exchange: _Exchange) -> None:
+        assert exchange.sock is not None
+        try:
+            exchange.feed(_receive(exchange.sock))
+        except BlockingIOError:
+            return
+        except MonitorError as err:
+            self._selector.unregister(exchange.sock)
+            exchange.fail(err)
+        except OSError as err:
+            self._selector.unregister(exchange.sock)
+            exchange.fail(MonitorError(
+                f"Reading from QMP socket {exchange.path} failed: {err}; "
+                "check whether the instance is still running"))
+        else:
+            if exchange.done:
+                self._selector.unregister(exchange.sock)
+                exchange.close()
+
+
+def execute_each(paths: Sequence[str], command: str,
+                 timeout: float) -> list[Any | MonitorError]:
+    """Run the argument-less QMP ``command`` on every socket in ``paths`` at once.
+
+    Returns what :meth:`Batch.answers` returns, in the order of ``paths``.
+    """
+    with Batch(command, timeout) as batch:
+        for path in paths:
+            batch.ask(path)
+        return batch.answers()
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """What QEMU sent; b"" once it closed (a reset with our request unread is a close too)."""
+    try:
+        return sock.recv(_RECV_SIZE)
+    except ConnectionResetError:
+        return b""
