@@ -396,7 +396,7 @@ def main() -> int:
                         lambda q=qemu: bench_probe(base, q, 2 if quick else 3))
         for qemu in qemus:
             measurement(f"3. StartInstance ({qemu_label(qemu)})",
-                        lambda q=qemu: bench_start(base, guest, q, 3 if quick else 5))
+                        lambda q=qemu: bench_start(base, guest, q, 9 if quick else 21))
         measurement("4. GetAllInstancesInfo",
                     lambda: bench_listing(base, guest, 30 if quick else 100))
         for run_dir in list(RUN_DIRS):

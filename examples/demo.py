@@ -23,6 +23,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ganeti_kvm import constants, objects, process  # noqa: E402
+from ganeti_kvm.cli import MigrationProgress  # noqa: E402
 from ganeti_kvm.hv_kvm import KVMHypervisor  # noqa: E402
 from tests.guestimage import build_guest, make_disk  # noqa: E402
 from tests.helpers import kill_instances  # noqa: E402
@@ -143,17 +144,16 @@ def main() -> int:
             info = node_a.MigrationInfo(inst)
             node_b.AcceptInstance(inst, info, "127.0.0.1")
 
-            def progress(status) -> None:
-                if status.total:
-                    print(f"\r    {status.status}: {status.transferred >> 20} of "
-                          f"{status.total >> 20} MiB", end="", flush=True)
-
+            # The ganeti-kvm command's progress display: a live bar on a
+            # terminal, plain lines (here ten a second) in a log.
+            progress = MigrationProgress(sys.stdout, interval=0.1)
             try:
                 node_a.MigrateInstance(inst, "127.0.0.1", True, progress=progress)
             except Exception:
                 node_b.FinalizeMigration(inst, info, False)
                 raise
-            print()
+            finally:
+                progress.finish()
             node_b.FinalizeMigration(inst, info, True)
             if node_a.ListInstances() or node_b.ListInstances() != [NAME]:
                 raise RuntimeError("the instance is not where it should be")

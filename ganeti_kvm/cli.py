@@ -262,6 +262,7 @@ class MigrationProgress:
     """Shows a migration's progress: a live bar on a terminal, else a line a second."""
 
     BAR_WIDTH = 24
+    RATE_WINDOW = 0.1  # seconds between the samples a rate is computed from
 
     def __init__(self, stream: TextIO, tty: bool | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -296,7 +297,7 @@ class MigrationProgress:
             self._last_sample = (now, transferred)
             return
         then, before = self._last_sample
-        if now - then < 0.25:
+        if now - then < self.RATE_WINDOW:
             return
         rate = max(0.0, (transferred - before) / (now - then))
         self._rate = rate if self._rate is None else 0.5 * self._rate + 0.5 * rate

@@ -21,7 +21,6 @@ The client is not thread-safe: use one instance per thread.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import time
@@ -30,9 +29,17 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from ganeti_kvm.errors import MonitorError, MonitorTimeout
+from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
 from ganeti_kvm.qmp_batch import Batch
-from ganeti_kvm.qmp_wire import command_error, connect_error, decode_message, encode_request
+from ganeti_kvm.qmp_wire import (
+    already_negotiated,
+    command_error,
+    connect_error,
+    decode_message,
+    encode_request,
+    is_reply,
+    request_ids,
+)
 
 __all__ = ["QmpClient", "qmp_execute", "DEFAULT_TIMEOUT"]
 
@@ -42,7 +49,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 _RECV_SIZE = 65536
-_CAPABILITIES = encode_request("qmp_capabilities")
 
 
 class QmpClient:
@@ -72,9 +78,7 @@ class QmpClient:
         self._events: deque[dict[str, Any]] = deque()
         self._eof = False
         self._limit = self.timeout
-        # Small integer ids: QEMU reads the monitor one byte per main-loop
-        # iteration, so every byte of a request costs a few microseconds.
-        self._ids = itertools.count(1)
+        self._ids = request_ids()
 
     # ------------------------------------------------------------------
     # Connection handling
@@ -119,20 +123,29 @@ class QmpClient:
         self._eof = False
         try:
             # Sent before the greeting arrives: QEMU reads it once the greeting
-            # is out, which saves a round trip.  A fresh connection has no
-            # stale replies, so no id is needed.
-            self._send(_CAPABILITIES, deadline, "qmp_capabilities")
-            greeting = self._read_message(deadline, "waiting for the QMP greeting")
-            while "QMP" not in greeting:
+            # is out, which saves a round trip.
+            caps_id = next(self._ids)
+            self._send(encode_request("qmp_capabilities", None, caps_id), deadline,
+                       "qmp_capabilities")
+            while True:
+                greeting = self._read_message(deadline, "waiting for the QMP greeting")
+                if "QMP" in greeting:
+                    break
                 if "event" in greeting:
                     self._events.append(greeting)
-                    greeting = self._read_message(deadline, "waiting for the QMP greeting")
-                    continue
-                raise MonitorError(
-                    f"QMP socket {self.path} sent {greeting!r} instead of a QMP greeting; "
-                    "check that the path is a QMP (not a human monitor) socket")
+                elif is_reply(greeting):
+                    logger.debug("Dropping a reply to an earlier client on %s: %r",
+                                 self.path, greeting)
+                else:
+                    raise MonitorError(
+                        f"QMP socket {self.path} sent {greeting!r} instead of a QMP "
+                        "greeting; check that the path is a QMP (not a human monitor) socket")
             self.greeting = greeting
-            self._reply("qmp_capabilities", None, deadline)
+            try:
+                self._reply("qmp_capabilities", caps_id, deadline)
+            except QmpCommandError as err:
+                if not already_negotiated(err.error_class):
+                    raise
         except BaseException:
             self.close()
             raise
@@ -194,14 +207,15 @@ class QmpClient:
                  deadline: float) -> Any:
         """Send ``command`` and read until its reply or the deadline.
 
-        The id (unique within this client) lets a late reply to an earlier,
-        timed-out command be recognised and dropped.
+        The id (unique within this client, from a random start) lets a late
+        reply to an earlier, timed-out command, or to another client, be
+        recognised and dropped (see :mod:`ganeti_kvm.qmp_wire`).
         """
         msg_id = next(self._ids)
         self._send(encode_request(command, arguments, msg_id), deadline, command)
         return self._reply(command, msg_id, deadline)
 
-    def _reply(self, command: str, msg_id: int | None, deadline: float) -> Any:
+    def _reply(self, command: str, msg_id: int, deadline: float) -> Any:
         """Read until the reply to ``command`` (sent with ``msg_id``) or the deadline."""
         what = f"waiting for the reply to {command}"
         while True:
@@ -209,12 +223,11 @@ class QmpClient:
             if "event" in message:
                 self._events.append(message)
                 continue
-            if "return" not in message and "error" not in message:
+            if not is_reply(message):
                 logger.debug("Ignoring unexpected QMP message on %s: %r", self.path, message)
                 continue
-            reply_id = message.get("id")
-            if reply_id is not None and reply_id != msg_id:
-                # The late reply of an earlier command that timed out.
+            if message.get("id") != msg_id:
+                # The late reply to an earlier command that timed out, or to another client.
                 logger.debug("Dropping stale QMP reply on %s: %r", self.path, message)
                 continue
             if "error" in message:

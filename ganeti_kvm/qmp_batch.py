@@ -23,30 +23,45 @@ from collections.abc import Sequence
 from typing import Any
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout
-from ganeti_kvm.qmp_wire import command_error, connect_error, decode_message, encode_request
+from ganeti_kvm.qmp_wire import (
+    already_negotiated,
+    command_error,
+    connect_error,
+    decode_message,
+    encode_request,
+    is_reply,
+    request_ids,
+)
 
 __all__ = ["Batch", "execute_each"]
 
 _RECV_SIZE = 65536
 _RETRY_CONNECT = 0.002  # seconds between connects to a monitor whose backlog is full
+#: Connections open at once.  More gains nothing (QEMU's work bounds the rate;
+#: 8 in flight already keep two CPUs busy) and would spend file descriptors.
+MAX_IN_FLIGHT = 32
 
 
 class _Exchange:
     """One socket's part of the batch: the bytes so far and where it stands."""
 
-    def __init__(self, path: str, command: str) -> None:
+    def __init__(self, path: str, command: str, ids: tuple[int, int]) -> None:
         self.path = path
         self.command = command
+        self.capabilities_id, self.command_id = ids
         self.sock: socket.socket | None = None
         self.buffer = b""
         self.greeted = False
-        self.negotiated = False
         self.outcome: Any = None
         self.done = False
 
     def connect(self, request: bytes) -> bool:
         """Connect and send ``request``; False if the monitor's backlog is full."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:
+            raise MonitorError(f"Cannot open a socket for QMP socket {self.path}: {err}; "
+                               "check the process's open-file limit") from None
         sock.setblocking(False)
         try:
             sock.connect(self.path)
@@ -81,22 +96,24 @@ class _Exchange:
         if "event" in message:
             return  # an event between the replies is not an answer
         if not self.greeted:
-            if "QMP" not in message:
+            if "QMP" in message:
+                self.greeted = True
+            elif not is_reply(message):
                 raise MonitorError(
                     f"QMP socket {self.path} sent {message!r} instead of a QMP greeting; "
                     "check that the path is a QMP (not a human monitor) socket")
-            self.greeted = True
-            return
-        if "error" in message:
-            command = self.command if self.negotiated else "qmp_capabilities"
-            raise command_error(self.path, command, message["error"])
-        if "return" not in message:
-            return
-        if not self.negotiated:
-            self.negotiated = True
-            return
-        self.outcome = message["return"]
-        self.done = True
+            return  # a reply before the greeting answers an earlier client
+        reply_id = message.get("id")
+        if reply_id == self.capabilities_id:
+            if "error" in message:
+                error = command_error(self.path, "qmp_capabilities", message["error"])
+                if not already_negotiated(error.error_class):
+                    raise error
+        elif reply_id == self.command_id and is_reply(message):
+            if "error" in message:
+                raise command_error(self.path, self.command, message["error"])
+            self.outcome = message["return"]
+            self.done = True
 
     def fail(self, error: MonitorError) -> None:
         self.outcome = error
@@ -131,9 +148,13 @@ class Batch:
         self.command = command
         self.timeout = float(timeout)
         self._deadline = time.monotonic() + self.timeout
-        self._request = encode_request("qmp_capabilities") + encode_request(command, arguments)
+        ids = request_ids()
+        self._ids = (next(ids), next(ids))
+        self._request = (encode_request("qmp_capabilities", None, self._ids[0])
+                         + encode_request(command, arguments, self._ids[1]))
         self._exchanges: list[_Exchange] = []
-        self._unconnected: list[_Exchange] = []
+        self._unconnected: list[_Exchange] = []  # waiting for room, or for a backlog
+        self._backlog_full = False
         self._selector = selectors.DefaultSelector()
 
     def __enter__(self) -> Batch:
@@ -144,10 +165,10 @@ class Batch:
 
     def ask(self, path: str) -> int:
         """Send the question to QMP socket ``path``; the index of its answer."""
-        exchange = _Exchange(path, self.command)
+        exchange = _Exchange(path, self.command, self._ids)
         self._exchanges.append(exchange)
-        if not self._connect(exchange):
-            self._unconnected.append(exchange)
+        self._unconnected.append(exchange)
+        self._connect_waiting()
         return len(self._exchanges) - 1
 
     def answers(self) -> list[Any | MonitorError]:
@@ -160,11 +181,11 @@ class Batch:
         """
         try:
             while self._unconnected or self._selector.get_map():
-                self._unconnected = [ex for ex in self._unconnected if not self._connect(ex)]
+                self._connect_waiting()
                 remaining = self._deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                pause = min(remaining, _RETRY_CONNECT) if self._unconnected else remaining
+                pause = min(remaining, _RETRY_CONNECT) if self._backlog_full else remaining
                 for key, _ in self._selector.select(pause):
                     self._read(key.data)
         finally:
@@ -182,17 +203,26 @@ class Batch:
         self._unconnected = []
         self._selector.close()
 
-    def _connect(self, exchange: _Exchange) -> bool:
-        """Connect ``exchange`` and watch it; False means "its backlog is full, retry"."""
-        try:
-            if not exchange.connect(self._request):
-                return False
-        except MonitorError as err:
-            exchange.fail(err)
-            return True
-        assert exchange.sock is not None
-        self._selector.register(exchange.sock, selectors.EVENT_READ, exchange)
-        return True
+    def _connect_waiting(self) -> None:
+        """Connect the waiting exchanges, in order, while fewer than
+        :data:`MAX_IN_FLIGHT` are open; one whose monitor's backlog is full
+        waits for a later try without holding up the others."""
+        waiting, self._backlog_full = self._unconnected, False
+        self._unconnected = []
+        for exchange in waiting:
+            if len(self._selector.get_map()) >= MAX_IN_FLIGHT:
+                self._unconnected.append(exchange)
+                continue
+            try:
+                if not exchange.connect(self._request):
+                    self._backlog_full = True
+                    self._unconnected.append(exchange)
+                    continue
+            except MonitorError as err:
+                exchange.fail(err)
+                continue
+            assert exchange.sock is not None
+            self._selector.register(exchange.sock, selectors.EVENT_READ, exchange)
 
     def _read(self, exchange: _Exchange) -> None:
         assert exchange.sock is not None

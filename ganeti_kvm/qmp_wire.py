@@ -3,16 +3,51 @@
 Shared by the connection-per-client :mod:`ganeti_kvm.qmp` and the
 many-monitors-at-once :mod:`ganeti_kvm.qmp_batch`, so both send the same
 bytes and explain a failure in the same words.
+
+Why every request carries an id, even ``qmp_capabilities``: QEMU's QMP
+monitor is one object shared by the connections it accepts one after the
+other.  When a client gives up (a timeout, typically on a QEMU that was
+stopped) and QEMU later catches up, the request it was dispatching at that
+moment is answered on the *next* connection, possibly before that
+connection's greeting, and its ``qmp_capabilities`` may leave negotiation
+mode for the next client.  So a reply counts only if it carries an id this
+client sent, ids start at a random number so that another client's cannot
+match, and "negotiation is already complete" counts as negotiated.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
+from collections.abc import Iterator
 from typing import Any
 
 from ganeti_kvm.errors import MonitorError, QmpCommandError
 
-__all__ = ["encode_request", "decode_message", "connect_error", "command_error"]
+__all__ = ["encode_request", "decode_message", "connect_error", "command_error",
+           "request_ids", "is_reply", "already_negotiated"]
+
+
+def request_ids() -> Iterator[int]:
+    """Ids for one client's requests: consecutive, from a random start."""
+    return itertools.count(random.getrandbits(30))
+
+
+def is_reply(message: dict[str, Any]) -> bool:
+    """Whether ``message`` answers a request (``return`` or ``error``).
+
+    One that comes before the greeting, or without an id this client sent,
+    answers another client and is dropped.
+    """
+    return "return" in message or "error" in message
+
+
+def already_negotiated(error_class: str) -> bool:
+    """Whether QEMU refused ``qmp_capabilities`` (with ``error_class``) because
+    the monitor already left negotiation mode (see the module's note): the
+    client may go on."""
+    return error_class == "CommandNotFound"
 
 
 def encode_request(command: str, arguments: dict[str, Any] | None = None,

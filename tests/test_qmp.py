@@ -28,7 +28,47 @@ def test_greeting_and_capabilities(fake: Callable[..., FakeQmp]) -> None:
         assert client.connect() == version  # idempotent
     assert not client.connected
     server.stop()
-    assert server.peers[0].requests == [{"execute": "qmp_capabilities"}]
+    [capabilities] = server.peers[0].requests
+    assert capabilities["execute"] == "qmp_capabilities" and isinstance(capabilities["id"], int)
+
+
+def test_ids_start_at_random() -> None:
+    """Two clients' ids differ, so one cannot take the other's late reply for its own."""
+    starts = {next(QmpClient("/nonexistent")._ids) for _ in range(5)}
+    assert len(starts) > 1
+
+
+def test_replies_to_an_earlier_client_are_dropped(fake: Callable[..., FakeQmp]) -> None:
+    """What QEMU does after a client gave up on it: the reply to that client's
+    request comes on the next connection, even before its greeting, and that
+    client's qmp_capabilities may already have left negotiation mode."""
+    def script(peer: Peer) -> None:
+        peer.send({"return": {}})  # the earlier client's qmp_capabilities
+        peer.send(GREETING)
+        capabilities = peer.recv()
+        peer.send({"return": {"status": "running"}})  # its query-status, no id
+        peer.send({"error": {"class": "CommandNotFound",
+                             "desc": "Capabilities negotiation is already complete, "
+                                     "command ignored"}, "id": capabilities["id"]})
+        request = peer.recv()
+        peer.reply(request, {"status": "prelaunch"})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.execute("query-status") == {"status": "prelaunch"}
+    server.stop()
+
+
+def test_other_capabilities_errors_fail(fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        capabilities = peer.recv()
+        peer.send({"error": {"class": "GenericError", "desc": "no"}, "id": capabilities["id"]})
+
+    server = fake(script)
+    with pytest.raises(QmpCommandError, match="qmp_capabilities.*GenericError: no"):
+        QmpClient(server.path, timeout=5).connect()
+    server.stop()
 
 
 def test_execute_success_sends_id_and_arguments(fake: Callable[..., FakeQmp]) -> None:
@@ -183,11 +223,16 @@ def test_greeting_timeout(fake: Callable[..., FakeQmp]) -> None:
     server.stop()
 
 
-def test_not_a_qmp_socket(fake: Callable[..., FakeQmp]) -> None:
-    server = fake(lambda peer: peer.send_raw(b"QEMU 7.2 monitor - type 'help'\r\n"))
+@pytest.mark.parametrize("script, expected", [
+    (lambda peer: peer.send_raw(b"QEMU 7.2 monitor - type 'help'\r\n"), "invalid JSON"),
+    (lambda peer: peer.send({"hello": "world"}), "instead of a QMP greeting"),
+], ids=["human-monitor", "other-json"])
+def test_not_a_qmp_socket(fake: Callable[..., FakeQmp], script: Callable[[Peer], None],
+                          expected: str) -> None:
+    server = fake(script)
     with pytest.raises(MonitorError) as info:
         QmpClient(server.path, timeout=2).connect()
-    assert server.path in str(info.value)
+    assert server.path in str(info.value) and expected in str(info.value)
     server.stop()
 
 

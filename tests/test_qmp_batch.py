@@ -34,8 +34,29 @@ def test_pipelined_requests_and_an_event_between(fake: Callable[..., FakeQmp]) -
     server = fake(answer_status)
     assert execute_each([server.path], "query-status", timeout=5) == [RUNNING]
     server.stop()
-    assert server.peers[0].requests == [{"execute": "qmp_capabilities"},
-                                       {"execute": "query-status"}]
+    capabilities, status = server.peers[0].requests
+    assert capabilities["execute"] == "qmp_capabilities"
+    assert status["execute"] == "query-status" and "arguments" not in status
+    assert capabilities["id"] != status["id"]
+
+
+def test_replies_to_an_earlier_client_are_dropped(fake: Callable[..., FakeQmp]) -> None:
+    """See test_qmp: a late reply to another client, before or after the
+    greeting, is not the answer; "negotiation already complete" is fine."""
+    def script(peer: Peer) -> None:
+        peer.send({"return": {}})
+        peer.send(GREETING)
+        capabilities = peer.recv()
+        status = peer.recv()
+        peer.send({"return": {"status": "paused", "running": False}})
+        peer.send({"return": {"status": "paused", "running": False}, "id": 7})
+        peer.send({"error": {"class": "CommandNotFound", "desc": "already complete"},
+                   "id": capabilities["id"]})
+        peer.reply(status, RUNNING)
+
+    server = fake(script)
+    assert execute_each([server.path], "query-status", timeout=5) == [RUNNING]
+    server.stop()
 
 
 def test_one_silent_monitor_does_not_hold_the_others(fake: Callable[..., FakeQmp]) -> None:
@@ -58,8 +79,9 @@ def test_one_silent_monitor_does_not_hold_the_others(fake: Callable[..., FakeQmp
 def test_command_error_is_reported_per_monitor(fake: Callable[..., FakeQmp]) -> None:
     def refuse(peer: Peer) -> None:
         peer.handshake()
-        peer.recv()
-        peer.send({"error": {"class": "CommandNotFound", "desc": "no such command"}})
+        request = peer.recv()
+        peer.send({"error": {"class": "CommandNotFound", "desc": "no such command"},
+                   "id": request["id"]})
 
     server = fake(refuse)
     [result] = execute_each([server.path], "query-nothing", timeout=5)
@@ -70,7 +92,7 @@ def test_command_error_is_reported_per_monitor(fake: Callable[..., FakeQmp]) -> 
 
 @pytest.mark.parametrize("script, expected", [
     (lambda peer: peer.send_raw(b"QEMU 7.2 monitor - type 'help'\r\n"), "invalid JSON"),
-    (lambda peer: peer.send({"return": {}}), "instead of a QMP greeting"),
+    (lambda peer: peer.send({"hello": "world"}), "instead of a QMP greeting"),
     (lambda peer: peer.send_raw(b"[1, 2]\n"), "expected a JSON object"),
     (lambda peer: peer.conn.close(), "closed the monitor connection"),
 ], ids=["human-monitor", "no-greeting", "not-an-object", "closed"])
@@ -129,6 +151,25 @@ def test_real_states_at_once(qemu_bin: str, short_dir: str, reaper: Any) -> None
     assert isinstance(results[2], MonitorTimeout)
     # The monitor that timed out still serves the next client.
     assert execute_each([stopped.qmp], "query-status", timeout=5)[0]["status"] == "prelaunch"
+
+
+def test_real_late_answers_after_a_stopped_qemu(qemu_bin: str, short_dir: str,
+                                                reaper: Any) -> None:
+    """Each time a SIGSTOPped QEMU resumes, it answers the request of the batch
+    that gave up on it, on the next batch's connection: that must not be taken
+    for the next batch's answer (the monitor is shared between connections)."""
+    [vm] = start_vms(qemu_bin, short_dir, reaper, 1)
+    for _ in range(15):
+        os.kill(vm.pid, signal.SIGSTOP)
+        try:
+            [gave_up] = execute_each([vm.qmp], "query-status", timeout=0.05)
+        finally:
+            os.kill(vm.pid, signal.SIGCONT)
+        assert isinstance(gave_up, MonitorTimeout)
+        [answer] = execute_each([vm.qmp], "query-status", timeout=5)
+        assert isinstance(answer, dict) and answer["status"] == "prelaunch", answer
+        with QmpClient(vm.qmp, timeout=5) as client:
+            assert client.execute("query-status")["status"] == "prelaunch"
 
 
 def test_real_monitor_held_then_released(qemu_bin: str, short_dir: str, reaper: Any) -> None:
