@@ -1,13 +1,13 @@
 """One QMP question to many monitors at once, in one thread.
 
 Listing a node asks every instance's monitor the same short question
-(``query-status``).  With one :class:`~ganeti_kvm.qmp.QmpClient` per instance
-that costs three round trips each (greeting, ``qmp_capabilities``, the
-command), one after the other.  Here each connection sends its two requests
-in a single write as soon as it is open: QEMU handles a monitor's requests in
-order, so the command is dispatched right after negotiation ends.  All
-connections progress together under one selector, so the wall time of a
-node's listing is about that of its slowest monitor, not the sum.
+(``query-status``).  Asked one monitor after the other, each answer costs
+its own round trips and the node's listing their sum.  Here each connection
+sends ``qmp_capabilities`` and the command in a single write as soon as it
+is open (QEMU handles a monitor's requests in order, so the command runs
+right after negotiation), and all connections progress together under one
+selector: a node's listing takes about as long as its slowest monitor.
+Replies are matched by id (see :mod:`ganeti_kvm.qmp_wire` for why).
 
 Every exchange is bounded by one deadline.  A monitor that is stopped, hung
 or held by another client gives a :class:`MonitorTimeout` for that socket
@@ -209,10 +209,10 @@ class Batch:
         waits for a later try without holding up the others."""
         waiting, self._backlog_full = self._unconnected, False
         self._unconnected = []
-        for exchange in waiting:
+        for index, exchange in enumerate(waiting):
             if len(self._selector.get_map()) >= MAX_IN_FLIGHT:
-                self._unconnected.append(exchange)
-                continue
+                self._unconnected += waiting[index:]
+                break
             try:
                 if not exchange.connect(self._request):
                     self._backlog_full = True

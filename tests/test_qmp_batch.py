@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
+from ganeti_kvm import qmp_batch
 from ganeti_kvm.qmp import QmpClient
 from ganeti_kvm.qmp_batch import execute_each
 from tests.fakeqmp import GREETING, FakeQmp, Peer
@@ -72,6 +73,34 @@ def test_one_silent_monitor_does_not_hold_the_others(fake: Callable[..., FakeQmp
     assert isinstance(results[1], MonitorTimeout)
     assert servers[1].path in str(results[1]) and "query-status" in str(results[1])
     assert 0.5 <= elapsed < 3.0  # bounded by the timeout, not hung
+    for server in servers:
+        server.stop()
+
+
+def test_at_most_max_in_flight_connections(fake: Callable[..., FakeQmp],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qmp_batch, "MAX_IN_FLIGHT", 2)
+    open_now, most = 0, 0
+    connect, close = qmp_batch._Exchange.connect, qmp_batch._Exchange.close
+
+    def counting_connect(self: Any, request: bytes) -> bool:
+        nonlocal open_now, most
+        connected = connect(self, request)
+        open_now += connected
+        most = max(most, open_now)
+        return connected
+
+    def counting_close(self: Any) -> None:
+        nonlocal open_now
+        open_now -= self.sock is not None
+        close(self)
+
+    monkeypatch.setattr(qmp_batch._Exchange, "connect", counting_connect)
+    monkeypatch.setattr(qmp_batch._Exchange, "close", counting_close)
+    servers = [fake(answer_status) for _ in range(5)]
+    assert execute_each([server.path for server in servers], "query-status",
+                        timeout=5) == [RUNNING] * 5
+    assert most == 2 and open_now == 0
     for server in servers:
         server.stop()
 
