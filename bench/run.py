@@ -60,6 +60,18 @@ def median_time(action: Callable[[], object], n: int) -> float:
     return statistics.median(times)
 
 
+def median_times_interleaved(actions: list[Callable[[], object]], n: int) -> list[float]:
+    """The median time of each action, called in turn so that they share the
+    machine's drift alike."""
+    times: list[list[float]] = [[] for _ in actions]
+    for _ in range(n):
+        for action, samples in zip(actions, times):
+            started = time.perf_counter()
+            action()
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
+
+
 def row(what: str, ours: str, baseline: str, ratio: str, target: str, met: bool | None) -> None:
     ROWS.append((what, ours, baseline, ratio, target,
                  "n/a" if met is None else "yes" if met else "**no**"))
@@ -123,7 +135,7 @@ def bench_monitor(base: str, guest, qemu: str, n: int) -> None:
     if status != "prelaunch" or '"prelaunch"' not in out:
         raise RuntimeError(f"unexpected answers: qmp_execute {status!r}, socat {out!r}")
     ours = baseline = 0.0
-    for _ in range(2):  # interleave to share any drift of the machine's load
+    for _ in range(2):  # alternate blocks to share any drift of the machine's load
         ours += median_time(lambda: qmp.qmp_execute(paths.qmp_socket, "query-status"), n) / 2
         baseline += median_time(lambda: socat(shell), max(3, n // 3)) / 2
     ratio = baseline / ours
@@ -246,9 +258,9 @@ def bench_listing(base: str, guest, n_calls: int) -> None:
             infos = hv_one.GetAllInstancesInfo()
             if len(infos) != 1:
                 raise RuntimeError(f"expected 1 instance, got {infos}")
-            cost = median_time(hv_one.GetAllInstancesInfo, n_calls)
-            floor = median_time(lambda: bare_qmp_status(hv_one.node.paths("one").qmp_socket),
-                                n_calls)
+            qmp_socket = hv_one.node.paths("one").qmp_socket
+            cost, floor = median_times_interleaved(
+                [hv_one.GetAllInstancesInfo, lambda: bare_qmp_status(qmp_socket)], n_calls)
             kill_instances(hv_one.node.layout.root)
         else:
             grow(count)

@@ -24,7 +24,6 @@ from typing import Any
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout
 from ganeti_kvm.qmp_wire import (
-    already_negotiated,
     command_error,
     connect_error,
     decode_message,
@@ -45,10 +44,10 @@ MAX_IN_FLIGHT = 32
 class _Exchange:
     """One socket's part of the batch: the bytes so far and where it stands."""
 
-    def __init__(self, path: str, command: str, ids: tuple[int, int]) -> None:
+    def __init__(self, path: str, command: str, command_id: int) -> None:
         self.path = path
         self.command = command
-        self.capabilities_id, self.command_id = ids
+        self.command_id = command_id
         self.sock: socket.socket | None = None
         self.buffer = b""
         self.greeted = False
@@ -58,11 +57,10 @@ class _Exchange:
     def connect(self, request: bytes) -> bool:
         """Connect and send ``request``; False if the monitor's backlog is full."""
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as err:
             raise MonitorError(f"Cannot open a socket for QMP socket {self.path}: {err}; "
                                "check the process's open-file limit") from None
-        sock.setblocking(False)
         try:
             sock.connect(self.path)
             # A fresh unix socket's send buffer is empty: a short request fits at once.
@@ -103,13 +101,9 @@ class _Exchange:
                     f"QMP socket {self.path} sent {message!r} instead of a QMP greeting; "
                     "check that the path is a QMP (not a human monitor) socket")
             return  # a reply before the greeting answers an earlier client
-        reply_id = message.get("id")
-        if reply_id == self.capabilities_id:
-            if "error" in message:
-                error = command_error(self.path, "qmp_capabilities", message["error"])
-                if not already_negotiated(error.error_class):
-                    raise error
-        elif reply_id == self.command_id and is_reply(message):
+        # The reply to qmp_capabilities carries no id and is not needed: had
+        # negotiation failed, the command's own reply would say so.
+        if message.get("id") == self.command_id and is_reply(message):
             if "error" in message:
                 raise command_error(self.path, self.command, message["error"])
             self.outcome = message["return"]
@@ -148,14 +142,15 @@ class Batch:
         self.command = command
         self.timeout = float(timeout)
         self._deadline = time.monotonic() + self.timeout
-        ids = request_ids()
-        self._ids = (next(ids), next(ids))
-        self._request = (encode_request("qmp_capabilities", None, self._ids[0])
-                         + encode_request(command, arguments, self._ids[1]))
+        # Every byte sent delays the answer (see qmp_wire): only the command has an id.
+        self._command_id = next(request_ids())
+        self._request = (encode_request("qmp_capabilities")
+                         + encode_request(command, arguments, self._command_id))
         self._exchanges: list[_Exchange] = []
         self._unconnected: list[_Exchange] = []  # waiting for room, or for a backlog
         self._backlog_full = False
-        self._selector = selectors.DefaultSelector()
+        # poll(2): unlike epoll, no descriptor of its own to create, fill and close.
+        self._selector = selectors.PollSelector()
 
     def __enter__(self) -> Batch:
         return self
@@ -165,7 +160,7 @@ class Batch:
 
     def ask(self, path: str) -> int:
         """Send the question to QMP socket ``path``; the index of its answer."""
-        exchange = _Exchange(path, self.command, self._ids)
+        exchange = _Exchange(path, self.command, self._command_id)
         self._exchanges.append(exchange)
         self._unconnected.append(exchange)
         self._connect_waiting()
