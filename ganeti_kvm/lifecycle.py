@@ -180,7 +180,7 @@ class KvmNode:
                 disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags),
                 qemu_version=list(caps.version), uuid=spec.uuid,
                 network_port=spec.network_port)
-            self.start_from_record(record, paused=paused)
+            self.start_from_record(record, paused=paused, caps=caps)
 
     def build_argv(self, record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps,
                    paths: InstancePaths) -> list[str]:
@@ -194,10 +194,12 @@ class KvmNode:
         return cmdline.build_argv(spec, disks, record.hvparams, caps, paths)
 
     def start_from_record(self, record: runtime.RuntimeRecord, paused: bool = False,
-                          incoming: str | None = None, run_ifup: bool = True) -> None:
+                          incoming: str | None = None, run_ifup: bool = True,
+                          caps: qemu_caps.QemuCaps | None = None) -> None:
         """Start QEMU from a record (a new start, a reboot, a migration target).
 
-        The caller holds the instance's lock.
+        The caller holds the instance's lock; ``caps`` are those of the
+        record's ``kvm_path`` if the caller has them already.
         The command line is rebuilt from the record's parameters for this
         node's paths, so a record from another node (a migration) works too;
         a record upgraded from the 2011 format keeps its command line.
@@ -207,7 +209,7 @@ class KvmNode:
         try:
             record.uid = self._request_uid(record.name, record.hvparams, undo)
             if record.upgraded_from is None:
-                caps = self.caps(record.hvparams[c.HV_KVM_PATH])
+                caps = caps or self.caps(record.hvparams[c.HV_KVM_PATH])
                 record.argv = self.build_argv(record, caps, paths)
                 record.qemu_version = list(caps.version)
             self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
