@@ -56,6 +56,12 @@ class Terminal:
         self.proc.wait(10)
         os.close(self.master)
 
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def console_argv(hv: KVMHypervisor, inst) -> list[str]:
     console = KVMHypervisor.GetInstanceConsole(inst, inst.hvparams, inst.beparams,
@@ -71,9 +77,8 @@ def test_paused_start_shows_the_whole_boot(hv, qemu_bin, guest, short_dir) -> No
     hv.StartInstance(inst, [({"mode": "rw"}, disk)],
                      startup_paused=True)
     timing_file = os.path.join(short_dir, "timing.json")
-    term = Terminal(console_argv(hv, inst),
-                    env=dict(os.environ, GANETI_KVM_CONSOLE_TIMING=timing_file))
-    try:
+    with Terminal(console_argv(hv, inst),
+                  env=dict(os.environ, GANETI_KVM_CONSOLE_TIMING=timing_file)) as term:
         text = term.read_until(r"COUNTER 2\b")
         assert "Ctrl+]" in text.splitlines()[0]
         assert "Instance cons1 is paused, unpausing" in text
@@ -89,8 +94,6 @@ def test_paused_start_shows_the_whole_boot(hv, qemu_bin, guest, short_dir) -> No
         term.write(b"\x1d")
         assert term.proc.wait(10) == 0
         assert hv.node.qmp("cons1", "query-status")["status"] == "running"
-    finally:
-        term.close()
     with open(timing_file) as handle:
         timing = json.load(handle)
     assert timing["cont_delay"] is not None and 0 <= timing["cont_delay"] < 3.0
@@ -101,34 +104,22 @@ def test_stopped_instance_is_not_unpaused(hv, qemu_bin, guest) -> None:
     inst = make_instance("cons2", guest_hvparams(qemu_bin, guest))
     hv.StartInstance(inst, [])
     hv.node.qmp("cons2", "stop")
-    term = Terminal(console_argv(hv, inst))
-    try:
+    with Terminal(console_argv(hv, inst)) as term:
         term.read_until("Ctrl\\+]")
         time.sleep(0.5)  # give a wrong unpause the chance to happen
         assert hv.node.qmp("cons2", "query-status")["status"] == "paused"
         assert "unpausing" not in term.text
-    finally:
-        term.close()
 
 
 def test_second_console_and_not_running(hv, qemu_bin, guest) -> None:
     inst = make_instance("cons3", guest_hvparams(qemu_bin, guest))
     hv.StartInstance(inst, [], startup_paused=True)
-    first = Terminal(console_argv(hv, inst))
-    try:
+    with Terminal(console_argv(hv, inst)) as first:
         first.read_until("unpausing")
-        second = Terminal(console_argv(hv, inst))
-        try:
+        with Terminal(console_argv(hv, inst)) as second:
             second.read_until("already attached")
             assert second.proc.wait(10) != 0
-        finally:
-            second.close()
-    finally:
-        first.close()
     hv.StopInstance(inst, force=True)
-    gone = Terminal(console_argv(hv, inst))
-    try:
+    with Terminal(console_argv(hv, inst)) as gone:
         gone.read_until("is not running")
         assert gone.proc.wait(10) != 0
-    finally:
-        gone.close()

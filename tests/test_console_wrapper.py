@@ -177,6 +177,15 @@ def test_prelaunch_is_unpaused_and_escape_leaves(
         time.sleep(0.01)
 
 
+def assert_left_alone(console: Console, vm: Vm, status: str) -> None:
+    """The console did not unpause ``vm`` (in ``status``), before or after Ctrl+]."""
+    assert vm.status() == status
+    assert b"unpausing" not in console.drain()
+    console.type(ESCAPE)
+    assert console.wait() == 0
+    assert vm.status() == status
+
+
 def test_stopped_vm_stays_paused(qemu_bin: str, socat_bin: str, short_dir: str,
                                  reaper: Any, consoles: list[Console]) -> None:
     vm = start_vm(qemu_bin, short_dir, reaper)
@@ -190,11 +199,7 @@ def test_stopped_vm_stays_paused(qemu_bin: str, socat_bin: str, short_dir: str,
     record = console.record()
     assert record["attached_at"] is not None
     assert record["status"] == "paused" and record["cont_at"] is None
-    assert vm.status() == "paused"
-    assert b"unpausing" not in console.drain()
-    console.type(ESCAPE)
-    assert console.wait() == 0
-    assert vm.status() == "paused"
+    assert_left_alone(console, vm, "paused")
 
 
 def test_incoming_migration_is_not_unpaused(qemu_bin: str, socat_bin: str, short_dir: str,
@@ -205,11 +210,7 @@ def test_incoming_migration_is_not_unpaused(qemu_bin: str, socat_bin: str, short
     consoles.append(console)
     record = console.record()
     assert record["status"] == "inmigrate" and record["cont_at"] is None
-    assert vm.status() == "inmigrate"
-    assert b"unpausing" not in console.drain()
-    console.type(ESCAPE)
-    assert console.wait() == 0
-    assert vm.status() == "inmigrate"
+    assert_left_alone(console, vm, "inmigrate")
 
 
 def test_second_console_is_refused(qemu_bin: str, socat_bin: str, short_dir: str,

@@ -43,16 +43,24 @@ def instance(qemu: str, guest, bandwidth: int):
     return make_instance("far1", hvp)
 
 
-def test_live_migration_over_a_veth_link(link, nodes, qemu72, guest, short_dir) -> None:
+def start_counting(link, source, qemu, guest, short_dir, bandwidth: int):
+    """Start far1 in the source namespace and wait until it counts; return it,
+    its serial reader and its migration info with the target namespace's QEMU."""
     src, dst = link
-    source, target = nodes
-    inst = instance(qemu_in(src, qemu72, short_dir), guest, 1000)
+    inst = instance(qemu_in(src, qemu, short_dir), guest, bandwidth)
     source.StartInstance(inst, [])
     serial = SerialReader(source.node.paths("far1").serial_socket)
     serial.read_until(r"COUNTER 2\b")
     info = source.MigrationInfo(inst)
+    return inst, serial, info.replace(qemu_in(src, qemu, short_dir),
+                                      qemu_in(dst, qemu, short_dir))
+
+
+def test_live_migration_over_a_veth_link(link, nodes, qemu72, guest, short_dir) -> None:
+    _, dst = link
+    source, target = nodes
+    inst, serial, info_b = start_counting(link, source, qemu72, guest, short_dir, 1000)
     inst_b = instance(qemu_in(dst, qemu72, short_dir), guest, 1000)
-    info_b = info.replace(qemu_in(src, qemu72, short_dir), qemu_in(dst, qemu72, short_dir))
     target.AcceptInstance(inst_b, info_b, TARGET_IP)
     source.MigrateInstance(inst, TARGET_IP, True)
     target.FinalizeMigration(inst_b, info_b, True)
@@ -65,14 +73,9 @@ def test_live_migration_over_a_veth_link(link, nodes, qemu72, guest, short_dir) 
 
 
 def test_link_down_mid_migration_is_cancelled(link, nodes, qemu72, guest, short_dir) -> None:
-    src, dst = link
+    src, _ = link
     source, target = nodes
-    inst = instance(qemu_in(src, qemu72, short_dir), guest, 1)
-    source.StartInstance(inst, [])
-    serial = SerialReader(source.node.paths("far1").serial_socket)
-    serial.read_until(r"COUNTER 2\b")
-    info = source.MigrationInfo(inst)
-    info_b = info.replace(qemu_in(src, qemu72, short_dir), qemu_in(dst, qemu72, short_dir))
+    inst, serial, info_b = start_counting(link, source, qemu72, guest, short_dir, 1)
     target.AcceptInstance(inst, info_b, TARGET_IP)
     cut = threading.Timer(1.5, ns_ip, (src, "link", "set", "veth-s", "down"))
     cut.start()
