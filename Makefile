@@ -5,14 +5,20 @@ export GANETI_KVM_CACHE
 
 PYTHON ?= python3
 
-.PHONY: setup test guest clean distclean
+.PHONY: setup test lint guest clean distclean
 
 # Debian packages, the package itself (editable), QEMU 10.0 and the guest.
 setup:
 	sh scripts/setup.sh
 
 test: setup
+	$(MAKE) lint
 	$(PYTHON) -m pytest -q tests
+
+# Type check and lint, both at zero findings (settings: mypy.ini, ruff.toml).
+lint:
+	$(PYTHON) -m mypy
+	$(PYTHON) -m ruff check .
 
 # Build the test guest if it is not cached yet, and print its paths.
 guest:
@@ -35,3 +41,20 @@ demo: setup
 .PHONY: bench
 bench: setup
 	$(PYTHON) bench/run.py
+
+# Make ganeti-kvm the KVM driver of this node's Ganeti 3.x (dpkg-divert), and undo
+# it byte for byte.  ARGS passes options, e.g. ARGS=--no-restart.
+.PHONY: ganeti-install ganeti-remove
+ganeti-install:
+	$(PYTHON) -m ganeti_kvm ganeti install $(ARGS)
+
+ganeti-remove:
+	$(PYTHON) -m ganeti_kvm ganeti remove $(ARGS)
+
+# The Debian package (debhelper, dh-python), lintian clean: built in a temporary
+# copy of the tree, cached in $(GANETI_KVM_CACHE)/deb by the tree's hash; the
+# last line printed is the .deb's path (tests.debpkg.build() returns it too).
+.PHONY: deb
+deb:
+	@deb=$$($(PYTHON) -m tests.debpkg) && \
+		lintian --allow-root --fail-on error,warning "$$deb" && echo "$$deb"

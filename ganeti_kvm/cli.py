@@ -359,7 +359,7 @@ INFO_FIELDS = ("name", "pid", "memory", "vcpus", "state", "cpu_time")
 
 
 def _info_dict(info: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(INFO_FIELDS, info))
+    return dict(zip(INFO_FIELDS, info, strict=True))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -379,7 +379,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                f"{r['cpu_time']:.1f}") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     return 0
 
 
@@ -507,6 +508,34 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ganeti(args: argparse.Namespace) -> int:
+    """``ganeti install|remove|status``: switch this node's Ganeti 3.x KVM driver."""
+    import shlex
+
+    from ganeti_kvm.ganeti3 import install
+
+    if args.action == "status":
+        for version, driver in sorted(install.status(args.root).items()):
+            print(f"Ganeti {version}: {driver}")
+        return 0
+    if args.action in ("adopt", "export"):
+        from ganeti_kvm.ganeti3 import bundled
+
+        switch = bundled.adopt_all if args.action == "adopt" else bundled.export_all
+        for name in switch(args.run_dir or paths.default_run_dir()):
+            print(f"instance {name}: switched without a restart")
+        return 0
+    restart: bool | list[str] = not args.no_restart
+    if args.restart_command:
+        restart = shlex.split(args.restart_command)
+    action = install.install if args.action == "install" else install.remove
+    report = action(args.root, restart=restart, run_dir=args.run_dir,
+                    package=install.DEBIAN_PACKAGE if args.packaged else None)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 # --- the parser and main ------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,6 +603,29 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--timeout", metavar="S", type=_seconds, default=None,
                      help="cancel the migration after S seconds (default: from the RAM "
                           "size and migration_bandwidth)")
+
+    cmd = add("ganeti", cmd_ganeti,
+              "make ganeti-kvm the KVM driver of this node's Ganeti 3.x, or undo it")
+    cmd.add_argument("action", choices=("install", "remove", "status", "adopt", "export"),
+                     help="install: divert Ganeti's driver and switch the running "
+                          "instances; remove: restore it byte for byte; status: show which; "
+                          "adopt/export: only switch the running instances of --run-dir to "
+                          "ganeti-kvm's / the bundled driver's runtime files (install and "
+                          "remove do it; for nodes whose run directory is elsewhere)")
+    cmd.add_argument("--root", metavar="DIR", default="/",
+                     help="work on the system under DIR, like dpkg --root (default /); "
+                          "nothing is restarted unless --restart-command says so")
+    cmd.add_argument("--packaged", action="store_true",
+                     help="the Debian package's way (its maintainer scripts use it): "
+                          "diversions owned by the package ganeti-kvm, no .pth file, the "
+                          "node daemon restarted through invoke-rc.d or deb-systemd-invoke "
+                          "only if it runs, and no Ganeti is not an error")
+    restart = cmd.add_mutually_exclusive_group()
+    restart.add_argument("--no-restart", action="store_true",
+                         help="do not restart ganeti-noded (restart it yourself)")
+    restart.add_argument("--restart-command", metavar="CMD", default=None,
+                         help="how to restart the node daemon (default: systemctl restart "
+                              "ganeti-noded, else /etc/init.d/ganeti restart ganeti-noded)")
     return parser
 
 

@@ -4,20 +4,37 @@ and the capabilities of the QEMU binary.
 Nothing here touches the node: the caller resolves users, opens TAP devices
 and checks that files exist.  Which spelling of an option to use is decided
 by asking :class:`~ganeti_kvm.qemu_caps.QemuCaps` by name, never by comparing
-versions.  Values that QEMU parses as ``key=value,...`` lists go through
-:func:`qemu_escape`, so a comma in a path cannot inject an option.
+versions.
+
+No value reaches QEMU's option parser unchecked.  QEMU reads most options
+as ``key=value,...`` lists, where a comma starts the next option: values
+in such lists (paths in ``file=``, ``path=``, ``dir=``, ``user=``) go
+through :func:`qemu_escape`, which doubles commas so QEMU sees one value.
+Values QEMU takes whole (``-pidfile``, ``-mem-path``, ``-kernel``,
+``-append``, ``-runas``) go through :func:`check_value`.  Values that are
+neither paths nor text (the instance name, a MAC, a VNC address, a cache
+mode) are checked against their exact form.  Every value is refused if it
+holds a NUL (the kernel cannot pass it), a newline, or more than
+:data:`MAX_VALUE_BYTES` bytes (the kernel refuses an argument past 128 KiB
+with E2BIG); the :class:`errors.ParameterError` names the parameter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import os
+import re
 import uuid as _uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors
-from ganeti_kvm.paths import InstancePaths
+from ganeti_kvm import devices, errors, macaddr
+from ganeti_kvm.devices import DeviceId
+from ganeti_kvm.paths import InstancePaths, check_instance_name
+from ganeti_kvm.qemu_caps import DEFAULT_MACHINE, is_machine_name
 
 # QEMU device models for the cluster manager's NIC types
 NIC_MODELS = {
@@ -69,11 +86,88 @@ class Caps(Protocol):
     def has_device(self, name: str) -> bool: ...
 
 
-def qemu_escape(value: str) -> str:
-    """Escape a value for QEMU's ``key=value,...`` option parser (commas are doubled)."""
-    if "\n" in value or "\0" in value:
-        raise errors.HypervisorError(f"Value {value!r} contains a newline or NUL byte")
-    return value.replace(",", ",,")
+MAX_VALUE_BYTES = 4096
+"""The longest value (in bytes) that goes into QEMU's command line: a path
+(PATH_MAX) or the kernel command line, far below the kernel's 128 KiB limit
+for one argument."""
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, cut short if it is long."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def check_value(param: str, value: object, forbidden: str = "") -> str:
+    """``value`` if it can be one argv element as it is, else ParameterError naming ``param``.
+
+    Refused: a non-string, a NUL, a newline or carriage return, text the
+    file system encoding cannot carry, more than :data:`MAX_VALUE_BYTES`
+    bytes, and any character of ``forbidden``.
+    """
+    def fail(why: str) -> errors.ParameterError:
+        return errors.ParameterError(
+            f"Parameter {param} {why} ({_shown(value)}); fix the value", param, value)
+
+    if not isinstance(value, str):
+        raise fail(f"must be a string, not {type(value).__name__}")
+    if "\0" in value:
+        raise fail("contains a NUL byte")
+    if "\n" in value or "\r" in value:
+        raise fail("contains a newline")
+    try:
+        size = len(os.fsencode(value))
+    except UnicodeError:
+        raise fail("is not valid text") from None
+    if size > MAX_VALUE_BYTES:
+        raise fail(f"is {size} bytes long, more than the {MAX_VALUE_BYTES} QEMU is given")
+    bad = sorted({ch for ch in value if ch in forbidden})
+    if bad:
+        raise fail(f"contains {' '.join(repr(ch) for ch in bad)}, which QEMU would misread")
+    return value
+
+
+def qemu_escape(value: str, param: str = "value") -> str:
+    """Escape a value for QEMU's ``key=value,...`` option parser (commas are doubled).
+
+    The value is first checked by :func:`check_value`; ``param`` names it
+    in the error.
+    """
+    return check_value(param, value).replace(",", ",,")
+
+
+def _path(param: str, value: object) -> str:
+    """An absolute path for a ``key=value`` list, escaped (see :func:`qemu_escape`).
+
+    Absolute, because QEMU reads ``file=PROTOCOL:...`` (``nbd:``, ``json:``)
+    as a protocol when a colon comes before the first slash.
+    """
+    check_value(param, value)
+    assert isinstance(value, str)
+    if not value.startswith("/"):
+        raise errors.ParameterError(
+            f"Parameter {param} must be an absolute path, not {_shown(value)}", param, value)
+    return qemu_escape(value, param)
+
+
+def _choice(hvp: Mapping[str, Any], key: str, table: Mapping[Any, Any]) -> Any:
+    """``table[hvp[key]]``, or ParameterError naming ``key`` if the value is not a key."""
+    value = hvp[key]
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise errors.ParameterError(
+            f"Parameter {key} must be one of {', '.join(sorted(map(str, table)))}, "
+            f"not {_shown(value)}", key, value) from None
+
+
+def _count(param: str, value: object) -> str:
+    """A whole number greater than zero, as text."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise errors.ParameterError(
+            f"Parameter {param} must be a whole number greater than zero, not "
+            f"{_shown(value)}", param, value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -83,14 +177,19 @@ class BlockDevice:
     path: str
     readonly: bool = False
     uri: str | None = None
+    # How the guest sees it (see :mod:`ganeti_kvm.devices`); None: by position.
+    device: DeviceId | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "readonly": self.readonly, "uri": self.uri}
+        data: dict[str, Any] = {"path": self.path, "readonly": self.readonly, "uri": self.uri}
+        if self.device is not None:
+            data[devices.DEVICE_KEY] = self.device.to_dict()
+        return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BlockDevice":
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockDevice:
         return cls(path=str(data["path"]), readonly=bool(data.get("readonly")),
-                   uri=data.get("uri"))
+                   uri=data.get("uri"), device=devices.identity_of(data, f"disk {data['path']}"))
 
 
 def normalize_block_devices(block_devices: Sequence[Any]) -> list[BlockDevice]:
@@ -104,8 +203,10 @@ def normalize_block_devices(block_devices: Sequence[Any]) -> list[BlockDevice]:
         disk, path = entry[0], entry[1]
         uri = entry[2] if len(entry) == 3 else None
         if not isinstance(path, str) or not path.startswith("/"):
-            raise errors.HypervisorError(
-                f"Block device #{index} path must be an absolute path, not {path!r}")
+            raise errors.ParameterError(
+                f"Block device #{index} path must be an absolute path, not {_shown(path)}",
+                f"block device #{index} path", path)
+        check_value(f"block device #{index} path", path)
         mode = getattr(disk, "mode", None)
         if mode is None and isinstance(disk, Mapping):
             mode = disk.get("mode")
@@ -123,6 +224,9 @@ class MachineSpec:
     uuid: str | None = None
     network_port: int | None = None
     run_as: str | None = None  # user name or "uid:gid", for security models user/pool
+    # The versioned machine type pinned when the instance first started
+    # ("pc-i440fx-7.2"); None leaves the binary's "pc" alias to QEMU.
+    machine: str | None = None
 
 
 def vnc_display(network_port: int | None, name: str) -> int:
@@ -142,15 +246,31 @@ def build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[str
     record stores; :func:`build_nic_argv` and :func:`start_flags` add the
     parts that change with every start.
     """
-    argv: list[str] = [hvp[c.HV_KVM_PATH], "-name", spec.name, "-no-user-config",
-                       "-nodefaults", "-daemonize", "-pidfile", paths.pidfile]
-    argv += _machine(hvp)
-    argv += ["-m", str(spec.memory), "-smp", str(spec.vcpus)]
+    try:
+        return _build_argv(spec, disks, hvp, caps, paths)
+    except errors.ParameterError as err:
+        raise errors.ParameterError(f"Instance {_shown(spec.name)[1:-1]}: {err}",
+                                    err.name, err.value) from None
+
+
+def _build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[str, Any],
+                caps: Caps, paths: InstancePaths) -> list[str]:
+    try:
+        # -name is a key=value list (``-name foo,debug-threads=on``): only a
+        # valid instance name (no comma, no '=') goes there as it is.
+        check_instance_name(spec.name)
+    except errors.HypervisorError as err:
+        raise errors.ParameterError(str(err), "name", spec.name) from None
+    argv: list[str] = [check_value(c.HV_KVM_PATH, hvp[c.HV_KVM_PATH]), "-name", spec.name,
+                       "-no-user-config", "-nodefaults", "-daemonize",
+                       "-pidfile", check_value("run_dir", paths.pidfile)]
+    argv += log_flags(paths)
+    argv += _machine(spec, hvp)
+    argv += ["-m", _count("memory", spec.memory), "-smp", _count("vcpus", spec.vcpus)]
     if spec.uuid:
-        try:
+        # the cluster manager's uuid is informational; never fail a start on it
+        with contextlib.suppress(ValueError):
             argv += ["-uuid", str(_uuid.UUID(str(spec.uuid)))]
-        except ValueError:
-            pass  # the cluster manager's uuid is informational; never fail a start on it
     argv += _monitors(paths)
     argv += _boot(hvp)
     argv += _disks(disks, hvp, caps)
@@ -158,27 +278,46 @@ def build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[str
     argv += _removable_media(hvp, ide_disks)
     argv += _kernel(hvp)
     if hvp[c.HV_MEM_PATH]:
-        argv += ["-mem-path", hvp[c.HV_MEM_PATH], "-mem-prealloc"]
+        argv += ["-mem-path", check_value(c.HV_MEM_PATH, hvp[c.HV_MEM_PATH]), "-mem-prealloc"]
     if hvp[c.HV_USE_LOCALTIME]:
         argv += ["-rtc", "base=localtime"]
+    # .get: records written before these keys existed lack them.
+    if hvp.get(c.HV_REBOOT_BEHAVIOR) == c.INSTANCE_REBOOT_EXIT:
+        argv += ["-no-reboot"]  # a guest reboot ends QEMU, as the 2011 driver's "exit"
     argv += _serial(hvp, paths)
     argv += _display(spec, hvp, paths)
+    if hvp.get(c.HV_KEYMAP) and hvp[c.HV_VNC_BIND_ADDRESS]:
+        argv += ["-k", check_value(c.HV_KEYMAP, hvp[c.HV_KEYMAP])]
     argv += _usb(hvp)
     argv += _isolation(spec, hvp, caps, paths)
     return argv
 
 
-def _machine(hvp: Mapping[str, Any]) -> list[str]:
+def _machine(spec: MachineSpec, hvp: Mapping[str, Any]) -> list[str]:
+    machine = spec.machine or DEFAULT_MACHINE
+    if not is_machine_name(machine):
+        raise errors.HypervisorError(
+            f"Instance {spec.name} has an invalid machine type {machine!r} in its runtime "
+            "record; stop it and start it again to pin this node's type")
     flag = hvp[c.HV_KVM_FLAG]
     accel = {c.HT_KVM_ENABLED: "kvm", c.HT_KVM_DISABLED: "tcg"}.get(flag, "kvm:tcg")
-    options = ["pc", f"accel={accel}"]
+    options = [machine, f"accel={accel}"]
     if not hvp[c.HV_ACPI]:
         options.append("acpi=off")
     return ["-machine", ",".join(options)]
 
 
+def log_flags(paths: InstancePaths) -> list[str]:
+    """``-D LOG``: QEMU's own output goes to the instance's log, also once daemonized.
+
+    ``-D`` takes its value whole, but reads ``%d`` in it as its PID and
+    refuses any other ``%``; see :mod:`ganeti_kvm.qemulog`.
+    """
+    return ["-D", check_value("run_dir", paths.qemu_log, forbidden="%")]
+
+
 def _socket_chardev(chardev_id: str, path: str) -> str:
-    return f"socket,id={chardev_id},path={qemu_escape(path)},server=on,wait=off"
+    return f"socket,id={chardev_id},path={qemu_escape(path, 'run_dir')},server=on,wait=off"
 
 
 def _monitors(paths: InstancePaths) -> list[str]:
@@ -193,12 +332,12 @@ def _monitors(paths: InstancePaths) -> list[str]:
 def _boot(hvp: Mapping[str, Any]) -> list[str]:
     if hvp[c.HV_KERNEL_PATH]:
         return []  # QEMU boots the given kernel whatever the order says
-    return ["-boot", "order=" + BOOT_LETTERS[hvp[c.HV_BOOT_ORDER]]]
+    return ["-boot", "order=" + _choice(hvp, c.HV_BOOT_ORDER, BOOT_LETTERS)]
 
 
 def _drive(drive_id: str, path: str, readonly: bool, cache: str | None,
-           media: str = "disk") -> list[str]:
-    options = [f"file={qemu_escape(path)}", "format=raw", "if=none", f"id={drive_id}"]
+           media: str = "disk", param: str = "disk path") -> list[str]:
+    options = [f"file={_path(param, path)}", "format=raw", "if=none", f"id={drive_id}"]
     if media == "cdrom":
         options.append("media=cdrom")
     if readonly or media == "cdrom":
@@ -214,7 +353,7 @@ def _ide_address(slot: int) -> str:
 
 def _disks(disks: Sequence[BlockDevice], hvp: Mapping[str, Any], caps: Caps) -> list[str]:
     disk_type = hvp[c.HV_DISK_TYPE]
-    cache = hvp[c.HV_DISK_CACHE]
+    cache = _choice(hvp, c.HV_DISK_CACHE, {v: v for v in c.HT_VALID_CACHE_TYPES})
     boot_disk = hvp[c.HV_BOOT_ORDER] == c.HT_BO_DISK and not hvp[c.HV_KERNEL_PATH]
     argv: list[str] = []
     if disk_type == c.HT_DISK_SCSI and disks:
@@ -226,22 +365,24 @@ def _disks(disks: Sequence[BlockDevice], hvp: Mapping[str, Any], caps: Caps) -> 
     if disk_type == c.HT_DISK_IDE and len(disks) > IDE_SLOTS:
         raise errors.HypervisorError(
             f"disk_type ide supports at most {IDE_SLOTS} disks, not {len(disks)}")
+    driver = {c.HT_DISK_PARAVIRTUAL: "virtio-blk-pci", c.HT_DISK_IDE: "ide-hd",
+              c.HT_DISK_SCSI: "scsi-hd", c.HT_DISK_SD: "sd-card"}.get(disk_type)
+    if driver is None and disks:
+        raise errors.HypervisorError(f"disk_type {disk_type} cannot be used with QEMU on x86")
     for index, disk in enumerate(disks):
-        drive_id = f"disk{index}"
+        ident = disk.device or devices.positional_disk(index, disk_type)
+        problem = ident.problem()
+        if problem:
+            raise errors.HypervisorError(f"Disk #{index} ({disk.path}) has a device identity "
+                                         f"QEMU cannot take: {problem}")
         if disk.readonly and disk_type in READONLY_UNSUPPORTED:
             raise errors.HypervisorError(
                 f"Disk #{index} ({disk.path}) is read-only, which QEMU's {disk_type} disks "
                 f"cannot be; use disk_type {c.HT_DISK_PARAVIRTUAL} or {c.HT_DISK_SCSI}")
-        argv += _drive(drive_id, disk.path, disk.readonly, cache)
-        device = {
-            c.HT_DISK_PARAVIRTUAL: f"virtio-blk-pci,drive={drive_id},id={drive_id}-dev",
-            c.HT_DISK_IDE: f"ide-hd,drive={drive_id},id={drive_id}-dev,{_ide_address(index)}",
-            c.HT_DISK_SCSI: f"scsi-hd,drive={drive_id},id={drive_id}-dev,bus=scsi0.0,"
-                            f"scsi-id={index}",
-            c.HT_DISK_SD: f"sd-card,drive={drive_id},id={drive_id}-dev",
-        }.get(disk_type)
-        if device is None:
-            raise errors.HypervisorError(f"disk_type {disk_type} cannot be used with QEMU on x86")
+        argv += _drive(ident.backend, disk.path, disk.readonly, cache,
+                       param=f"block device #{index} path")
+        device = ",".join([ident.driver or str(driver), f"drive={ident.backend}",
+                           *ident.options()])
         if boot_disk and index == 0 and disk_type != c.HT_DISK_SD:
             device += ",bootindex=1"
         argv += ["-device", device]
@@ -268,7 +409,8 @@ def _removable_media(hvp: Mapping[str, Any], ide_disks: int) -> list[str]:
         boot_cd = hvp[c.HV_BOOT_ORDER] == c.HT_BO_CDROM and not hvp[c.HV_KERNEL_PATH]
         for index, path in enumerate(cdroms):
             drive_id = f"cdrom{index}"
-            argv += _drive(drive_id, path, True, None, media="cdrom")
+            argv += _drive(drive_id, path, True, None, media="cdrom",
+                           param=(c.HV_CDROM_IMAGE_PATH, c.HV_KVM_CDROM2_IMAGE_PATH)[index])
             if cd_type == c.HT_DISK_IDE:
                 device = (f"ide-cd,drive={drive_id},id={drive_id}-dev,"
                           f"{_ide_address(free_ide[index])}")
@@ -279,7 +421,8 @@ def _removable_media(hvp: Mapping[str, Any], ide_disks: int) -> list[str]:
             argv += ["-device", device]
     floppy = hvp[c.HV_KVM_FLOPPY_IMAGE_PATH]
     if floppy:
-        argv += ["-drive", f"file={qemu_escape(floppy)},format=raw,if=floppy,index=0"]
+        argv += ["-drive", f"file={_path(c.HV_KVM_FLOPPY_IMAGE_PATH, floppy)},format=raw,"
+                           "if=floppy,index=0"]
     return argv
 
 
@@ -287,18 +430,21 @@ def _kernel(hvp: Mapping[str, Any]) -> list[str]:
     kernel = hvp[c.HV_KERNEL_PATH]
     if not kernel:
         return []
-    argv = ["-kernel", kernel]
+    # -kernel, -initrd and -append are taken whole (commas are literal), but
+    # QEMU splits -initrd at commas for multiboot kernels: no commas there.
+    argv = ["-kernel", check_value(c.HV_KERNEL_PATH, kernel)]
     if hvp[c.HV_INITRD_PATH]:
-        argv += ["-initrd", hvp[c.HV_INITRD_PATH]]
+        argv += ["-initrd", check_value(c.HV_INITRD_PATH, hvp[c.HV_INITRD_PATH], ",")]
     append = []
     if hvp[c.HV_ROOT_PATH]:
-        append.append(f"root={hvp[c.HV_ROOT_PATH]}")
+        append.append(f"root={check_value(c.HV_ROOT_PATH, hvp[c.HV_ROOT_PATH])}")
     if hvp[c.HV_KERNEL_ARGS]:
-        append.append(hvp[c.HV_KERNEL_ARGS])
+        append.append(check_value(c.HV_KERNEL_ARGS, hvp[c.HV_KERNEL_ARGS]))
     if hvp[c.HV_SERIAL_CONSOLE]:
-        append.append(f"console=ttyS0,{hvp[c.HV_SERIAL_SPEED]}")
+        speed = _choice(hvp, c.HV_SERIAL_SPEED, {v: v for v in c.VALID_SERIAL_SPEEDS})
+        append.append(f"console=ttyS0,{speed}")
     if append:
-        argv += ["-append", " ".join(append)]
+        argv += ["-append", check_value(c.HV_KERNEL_ARGS, " ".join(append))]
     return argv
 
 
@@ -313,9 +459,21 @@ def _display(spec: MachineSpec, hvp: Mapping[str, Any], paths: InstancePaths) ->
     address = hvp[c.HV_VNC_BIND_ADDRESS]
     if not address:
         return ["-display", "none"]
+    if not isinstance(address, str):
+        raise errors.ParameterError(
+            f"Parameter {c.HV_VNC_BIND_ADDRESS} must be a string, not {_shown(address)}",
+            c.HV_VNC_BIND_ADDRESS, address)
     if address.startswith("/"):
-        target = "unix:" + qemu_escape(paths.vnc_socket(address))
+        # The key is explicit: an implied first key ends at the first '=', so
+        # QEMU would read "unix:/a=b/x.vnc" as a parameter named "unix:/a".
+        target = "vnc=unix:" + _path(c.HV_VNC_BIND_ADDRESS, paths.vnc_socket(address))
     else:
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise errors.ParameterError(
+                f"Parameter {c.HV_VNC_BIND_ADDRESS} must be an IPv4 address or an absolute "
+                f"path, not {_shown(address)}", c.HV_VNC_BIND_ADDRESS, address) from None
         display = vnc_display(spec.network_port, spec.name)
         host = "" if address == c.IP4_ADDRESS_ANY else address
         target = f"{host}:{display}"
@@ -325,7 +483,8 @@ def _display(spec: MachineSpec, hvp: Mapping[str, Any], paths: InstancePaths) ->
         x509 = hvp[c.HV_VNC_X509]
         if x509:
             verify = "on" if hvp[c.HV_VNC_X509_VERIFY] else "off"
-            argv += ["-object", f"tls-creds-x509,id={VNC_TLS_ID},dir={qemu_escape(x509)},"
+            argv += ["-object", f"tls-creds-x509,id={VNC_TLS_ID},"
+                                f"dir={_path(c.HV_VNC_X509, x509)},"
                                 f"endpoint=server,verify-peer={verify}"]
         else:
             argv += ["-object", f"tls-creds-anon,id={VNC_TLS_ID},endpoint=server"]
@@ -341,7 +500,12 @@ def _usb(hvp: Mapping[str, Any]) -> list[str]:
         mouse = c.HT_MOUSE_TABLET  # absolute pointer, so the VNC cursor stays in sync
     if not mouse:
         return []
-    return ["-usb", "-device", f"{MOUSE_DEVICES[mouse]},id=pointer0"]
+    device = MOUSE_DEVICES.get(mouse) if isinstance(mouse, str) else None
+    if device is None:
+        raise errors.ParameterError(
+            f"Parameter {c.HV_USB_MOUSE} must be one of {', '.join(sorted(MOUSE_DEVICES))}, "
+            f"not {_shown(mouse)}", c.HV_USB_MOUSE, mouse)
+    return ["-usb", "-device", f"{device},id=pointer0"]
 
 
 def _isolation(spec: MachineSpec, hvp: Mapping[str, Any], caps: Caps,
@@ -354,16 +518,16 @@ def _isolation(spec: MachineSpec, hvp: Mapping[str, Any], caps: Caps,
     argv: list[str] = []
     if user:
         if caps.has_run_with_user:
-            run_with.append(f"user={qemu_escape(user)}")
+            run_with.append(f"user={qemu_escape(user, c.HV_SECURITY_DOMAIN)}")
         elif caps.has_runas:
-            argv += ["-runas", user]
+            argv += ["-runas", check_value(c.HV_SECURITY_DOMAIN, user)]
         else:
             raise errors.HypervisorError("This QEMU can neither -runas nor -run-with user=")
     if chroot:
         if caps.has_run_with_chroot:
-            run_with.append(f"chroot={qemu_escape(chroot)}")
+            run_with.append(f"chroot={qemu_escape(chroot, 'run_dir')}")
         elif caps.has_chroot:
-            argv += ["-chroot", chroot]
+            argv += ["-chroot", check_value("run_dir", chroot)]
         else:
             raise errors.HypervisorError("This QEMU can neither -chroot nor -run-with chroot=")
     if run_with:
@@ -373,31 +537,97 @@ def _isolation(spec: MachineSpec, hvp: Mapping[str, Any], caps: Caps,
 
 @dataclass(frozen=True)
 class NicSpec:
-    """One NIC as QEMU gets it: the model, the MAC and the open TAP fd."""
+    """One NIC as QEMU gets it: the model, the MAC, the open TAP fd and its identity.
+
+    ``device`` None gives the identity by position (``net0``/``nic0``, no
+    PCI address, an option ROM only for a network boot), which is what
+    instances started before identities were kept run with.
+    """
 
     model: str
     mac: str
     fd: int
     vhost: bool = False
+    device: DeviceId | None = None
 
 
-def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool) -> list[str]:
-    """``-netdev``/``-device`` pairs for the NICs, their TAP fds inherited by QEMU."""
+def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
+                   name: str = "(unnamed)") -> list[str]:
+    """``-netdev``/``-device`` pairs for the NICs, their TAP fds inherited by QEMU.
+
+    ``name`` (the instance) is for errors: a MAC is checked again here, the
+    last step before QEMU's option parser (see :mod:`ganeti_kvm.macaddr`),
+    and so is each identity.
+    """
     argv: list[str] = []
+    models = frozenset(NIC_MODELS.values())
     for index, nic in enumerate(nics):
-        netdev = f"tap,id=net{index},fd={nic.fd}"
+        mac = macaddr.check_mac(name, index, nic.mac)
+        ident = nic.device or devices.positional_nic(index, boot_network)
+        problem = ident.problem()
+        if problem:
+            raise errors.HypervisorError(
+                f"Instance {name}: NIC {index} has a device identity QEMU cannot take: "
+                f"{problem}; stop the instance and start it again")
+        model = ident.driver or nic.model
+        if model not in models:
+            raise errors.ParameterError(
+                f"Instance {name}: NIC {index} has an unknown model {_shown(model)} "
+                f"(parameter {c.HV_NIC_TYPE})",
+                c.HV_NIC_TYPE, model)
+        if not isinstance(nic.fd, int) or isinstance(nic.fd, bool) or nic.fd < 0:
+            raise errors.HypervisorError(
+                f"Instance {name}: NIC {index} has no open TAP device ({_shown(nic.fd)})")
+        netdev = f"tap,id={ident.backend},fd={nic.fd}"
         if nic.vhost:
             netdev += ",vhost=on"
-        device = f"{nic.model},netdev=net{index},id=nic{index},mac={nic.mac}"
-        if not boot_network:
-            device += ",romfile="  # no option ROM: faster start, no ROM file needed
+        options = ident.options()
+        # id= first, as before identities were kept
+        head = options[:1] if ident.id is not None else []
+        device = ",".join([model, f"netdev={ident.backend}", *head, f"mac={mac}",
+                           *options[len(head):]])
         argv += ["-netdev", netdev, "-device", device]
     return argv
+
+
+_HOST_NAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def uri_host(target: object) -> str:
+    """``target`` as the host of a ``tcp:HOST:PORT`` migration URI.
+
+    QEMU reads options after the port (``tcp:h:p,to=...,ipv6``), and the
+    URI also goes into monitor commands, so only an IP address (IPv6 in
+    brackets) or a plain host name passes; ParameterError otherwise.
+    """
+    if isinstance(target, str):
+        bare = target[1:-1] if target.startswith("[") and target.endswith("]") else target
+        try:
+            address = ipaddress.ip_address(bare)
+        except ValueError:
+            if bare == target and _HOST_NAME_RE.fullmatch(target):
+                return target
+        else:
+            return f"[{address}]" if address.version == 6 else str(address)
+    raise errors.ParameterError(
+        f"Invalid migration target {_shown(target)}: give the target node's IP address",
+        "target", target)
 
 
 def start_flags(paused: bool = True, incoming: str | None = None) -> list[str]:
     """Per-start flags: ``-S`` (the library continues the guest itself) and ``-incoming``."""
     argv = ["-S"] if paused else []
     if incoming:
+        scheme, _, rest = check_value("incoming", incoming).partition(":")
+        host, _, port = rest.rpartition(":")
+        try:
+            valid = scheme == "tcp" and port.isdigit() and uri_host(host) == host
+        except errors.ParameterError:
+            valid = False
+        if not valid:
+            raise errors.ParameterError(
+                f"Parameter incoming must be tcp:HOST:PORT, not {_shown(incoming)}",
+                "incoming", incoming)
         argv += ["-incoming", incoming]
     return argv

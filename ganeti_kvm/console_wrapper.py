@@ -33,6 +33,7 @@ written there, so tests and benchmarks can measure the unpause delay.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,10 +203,8 @@ class _Wrapper:
         proc = self.proc
         if proc is not None and proc.returncode is None:
             logger.debug("Forwarding signal %d to socat (pid %d)", signum, proc.pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
         elif self.pending_signal is None:
             self.pending_signal = signum
 

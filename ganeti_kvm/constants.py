@@ -28,6 +28,10 @@ HV_VNC_TLS = "vnc_tls"
 HV_VNC_X509 = "vnc_x509_path"
 HV_VNC_X509_VERIFY = "vnc_x509_verify"
 HV_VNC_PASSWORD_FILE = "vnc_password_file"
+HV_KVM_SPICE_BIND = "spice_bind"
+HV_KVM_SPICE_IP_VERSION = "spice_ip_version"
+HV_KEYMAP = "keymap"
+HV_REBOOT_BEHAVIOR = "reboot_behavior"
 HV_KVM_FLOPPY_IMAGE_PATH = "floppy_image_path"
 HV_CDROM_IMAGE_PATH = "cdrom_image_path"
 HV_KVM_CDROM2_IMAGE_PATH = "cdrom2_image_path"
@@ -69,6 +73,10 @@ HVS_PARAMETER_TYPES = {
     HV_VNC_X509: VTYPE_STRING,
     HV_VNC_X509_VERIFY: VTYPE_BOOL,
     HV_VNC_PASSWORD_FILE: VTYPE_STRING,
+    HV_KVM_SPICE_BIND: VTYPE_STRING,
+    HV_KVM_SPICE_IP_VERSION: VTYPE_INT,
+    HV_KEYMAP: VTYPE_STRING,
+    HV_REBOOT_BEHAVIOR: VTYPE_STRING,
     HV_KVM_FLOPPY_IMAGE_PATH: VTYPE_STRING,
     HV_CDROM_IMAGE_PATH: VTYPE_STRING,
     HV_KVM_CDROM2_IMAGE_PATH: VTYPE_STRING,
@@ -158,6 +166,17 @@ HT_MIGRATION_LIVE = "live"
 HT_MIGRATION_NONLIVE = "non-live"
 HT_MIGRATION_MODES = frozenset([HT_MIGRATION_LIVE, HT_MIGRATION_NONLIVE])
 
+# What a guest's reboot does (HV_REBOOT_BEHAVIOR)
+INSTANCE_REBOOT_ALLOWED = "reboot"
+INSTANCE_REBOOT_EXIT = "exit"
+REBOOT_BEHAVIORS = frozenset([INSTANCE_REBOOT_ALLOWED, INSTANCE_REBOOT_EXIT])
+
+# IP versions (HV_KVM_SPICE_IP_VERSION); 0 leaves the choice to the address
+IFACE_NO_IP_VERSION_SPECIFIED = 0
+IP4_VERSION = 4
+IP6_VERSION = 6
+VALID_IP_VERSIONS = frozenset([IP4_VERSION, IP6_VERSION])
+
 # Serial line speeds QEMU's chardev and the kernel's console agree on
 VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
                        14400, 19200, 28800, 38400, 57600, 115200, 230400,
@@ -165,11 +184,25 @@ VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
 
 KVM_PATH = "/usr/bin/kvm"
 SOCAT_PATH = "/usr/bin/socat"
+# socat's raw mode with an escape key (Ctrl+]) for serial consoles
+SOCAT_USE_ESCAPE = True
+SOCAT_ESCAPE_CODE = "0x1d"
+# The user a serial console's ssh command logs in as
+GANETI_RUNAS = "root"
 
+# Disk templates whose storage the nodes share (the 2011 driver forces
+# disk_cache none for them, so that a migration cannot corrupt the data)
+DT_SHARED_FILE = "sharedfile"
+DT_BLOCK = "blockdev"
+DTS_EXT_MIRROR = frozenset([DT_SHARED_FILE, DT_BLOCK])
+
+# The cluster defaults.  Every key and value of the 2011 driver's (Ganeti
+# 2.5), plus kvm_path and serial_speed, which later Ganeti versions added
+# with these same defaults.
 HVC_DEFAULTS = {
     HT_KVM: {
         HV_KVM_PATH: KVM_PATH,
-        HV_KERNEL_PATH: "/boot/vmlinuz-kvmU",
+        HV_KERNEL_PATH: "/boot/vmlinuz-2.6-kvmU",
         HV_INITRD_PATH: "",
         HV_KERNEL_ARGS: "ro",
         HV_ROOT_PATH: "/dev/vda1",
@@ -181,6 +214,8 @@ HVC_DEFAULTS = {
         HV_VNC_X509: "",
         HV_VNC_X509_VERIFY: False,
         HV_VNC_PASSWORD_FILE: "",
+        HV_KVM_SPICE_BIND: "",
+        HV_KVM_SPICE_IP_VERSION: IFACE_NO_IP_VERSION_SPECIFIED,
         HV_KVM_FLOPPY_IMAGE_PATH: "",
         HV_CDROM_IMAGE_PATH: "",
         HV_KVM_CDROM2_IMAGE_PATH: "",
@@ -189,6 +224,7 @@ HVC_DEFAULTS = {
         HV_DISK_TYPE: HT_DISK_PARAVIRTUAL,
         HV_KVM_CDROM_DISK_TYPE: "",
         HV_USB_MOUSE: "",
+        HV_KEYMAP: "",
         HV_MIGRATION_PORT: 8102,
         HV_MIGRATION_BANDWIDTH: 32,
         HV_MIGRATION_DOWNTIME: 30,
@@ -201,6 +237,7 @@ HVC_DEFAULTS = {
         HV_VHOST_NET: False,
         HV_KVM_USE_CHROOT: False,
         HV_MEM_PATH: "",
+        HV_REBOOT_BEHAVIOR: INSTANCE_REBOOT_ALLOWED,
     },
 }
 

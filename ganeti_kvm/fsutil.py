@@ -6,6 +6,8 @@ import errno
 import os
 import tempfile
 
+from ganeti_kvm import errors
+
 
 def ensure_dirs(paths: list[str], mode: int = 0o700) -> None:
     """Create each directory (and parents) with ``mode``, tightening existing ones."""
@@ -50,20 +52,38 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
 
 
 def remove_file(path: str) -> bool:
-    """Remove ``path`` if it exists; return whether something was removed."""
+    """Remove ``path`` if it exists; return whether something was removed.
+
+    Raises :class:`errors.HypervisorError` naming the path if it cannot be
+    removed, for instance because a directory is in its place (a file of
+    ours is never a directory, and a directory is not ours to delete).
+    """
     try:
         os.unlink(path)
     except OSError as err:
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
             return False
-        raise
+        raise errors.HypervisorError(_cannot("remove", path, err)) from None
     return True
 
 
 def read_small_file(path: str, limit: int = 1 << 20) -> bytes | None:
-    """Return the content of ``path`` (at most ``limit`` bytes), or None if it is missing."""
+    """Return the content of ``path`` (at most ``limit`` bytes), or None if it is missing.
+
+    Raises :class:`errors.HypervisorError` naming the path if it cannot be
+    read (a directory in its place, no permission, an I/O error).
+    """
     try:
         with open(path, "rb") as handle:
             return handle.read(limit)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as err:
+        raise errors.HypervisorError(_cannot("read", path, err)) from None
+
+
+def _cannot(action: str, path: str, err: OSError) -> str:
+    if err.errno in (errno.EISDIR, errno.EPERM) and os.path.isdir(path):
+        return (f"Cannot {action} {path}: a directory is where a file of ganeti-kvm "
+                "belongs; move it away and retry")
+    return f"Cannot {action} {path}: {err.strerror or err}; check the file and its directory"

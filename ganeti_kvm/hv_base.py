@@ -9,10 +9,12 @@ The generic code here applies the table; hypervisors add cross-checks.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import types
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from ganeti_kvm import constants, errors
 
@@ -22,14 +24,27 @@ Check = tuple[bool, Callable[[Any], bool] | None, str | None,
               Callable[[Any], bool] | None, str | None]
 
 
+MAX_PATH_BYTES = 4095  # PATH_MAX less the final NUL
+MAX_TEXT_BYTES = 4096  # a text value for QEMU's command line (cmdline.MAX_VALUE_BYTES)
+
+
+def _fits(value: str, limit: int) -> bool:
+    """Whether ``value`` is at most ``limit`` bytes in the file system encoding."""
+    try:
+        return len(os.fsencode(value)) <= limit
+    except UnicodeError:
+        return False  # not text a path or an argument can carry
+
+
 def _is_clean_abs_path(value: Any) -> bool:
     """An absolute, normalised path without characters that break QEMU options."""
-    return (isinstance(value, str) and os.path.isabs(value)
-            and os.path.normpath(value) == value
-            and not any(c in value for c in ",\n\r\0"))
+    return (isinstance(value, str) and not any(c in value for c in ",\n\r\0")
+            and _fits(value, MAX_PATH_BYTES) and os.path.isabs(value)
+            and os.path.normpath(value) == value)
 
 
-_ABS_PATH_MSG = "must be an absolute, normalised path without commas or newlines"
+_ABS_PATH_MSG = (f"must be an absolute, normalised path of at most {MAX_PATH_BYTES} bytes "
+                 "without commas or newlines")
 
 NO_CHECK: Check = (False, None, None, None, None)
 REQUIRED_CHECK: Check = (True, None, None, None, None)
@@ -49,6 +64,45 @@ def _is_port(value: Any) -> bool:
 
 NET_PORT_CHECK: Check = (True, _is_port, "must be a port number from 1 to 65535",
                          None, None)
+# The 2011 names of the port checks
+REQ_NET_PORT_CHECK: Check = NET_PORT_CHECK
+OPT_NET_PORT_CHECK: Check = (False, _is_port, NET_PORT_CHECK[2], None, None)
+
+
+def parse_cpu_mask(cpu_mask: str) -> list[int]:
+    """The CPU numbers of a mask such as ``"0-2,5"`` (``[0, 1, 2, 5]``); empty for ``""``.
+
+    Raises :class:`errors.ParameterError` for anything else.
+    """
+    if not cpu_mask:
+        return []
+    cpus: list[int] = []
+    for item in cpu_mask.split(","):
+        bounds = item.split("-")
+        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise errors.ParameterError(
+                f"Invalid CPU mask item {item!r} in {cpu_mask!r}: use CPU numbers and "
+                "ranges such as 0-2,5")
+        lower, higher = int(bounds[0]), int(bounds[-1])
+        if lower > higher:
+            raise errors.ParameterError(
+                f"Invalid CPU range {item!r} in {cpu_mask!r}: {lower} > {higher}")
+        cpus.extend(range(lower, higher + 1))
+    return cpus
+
+
+def _is_cpu_mask_well_formed(cpu_mask: Any) -> bool:
+    if not isinstance(cpu_mask, str):
+        return False
+    try:
+        return len(parse_cpu_mask(cpu_mask)) > 0
+    except errors.ParameterError:
+        return False
+
+
+_CPU_MASK_MSG = "must be CPU numbers and ranges such as 0-2,5"
+REQ_CPU_MASK_CHECK: Check = (True, _is_cpu_mask_well_formed, _CPU_MASK_MSG, None, None)
+OPT_CPU_MASK_CHECK: Check = (False, _is_cpu_mask_well_formed, _CPU_MASK_MSG, None, None)
 MIGRATION_MODE_CHECK: Check = (
     True, lambda value: value in constants.HT_MIGRATION_MODES,
     "must be one of " + ", ".join(sorted(constants.HT_MIGRATION_MODES)),
@@ -114,16 +168,58 @@ def apply_syntax_checks(table: Mapping[str, Check], types: Mapping[str, str],
                 f"(current value: {value!r})", name, value)
 
 
+def _node_check_passes(check_fn: Callable[[Any], bool], value: Any) -> bool:
+    """``check_fn(value)``; a value of a type the check cannot take fails it."""
+    try:
+        return bool(check_fn(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def apply_node_checks(table: Mapping[str, Check], hvparams: Mapping[str, Any]) -> None:
     """Apply the node half of a parameter table (``prereq_fn``: files, directories)."""
     for name, (required, _, _, check_fn, errstr) in table.items():
         value = hvparams.get(name)
         if not required and not value:
             continue
-        if check_fn is not None and not check_fn(value):
+        if check_fn is not None and not _node_check_passes(check_fn, value):
             raise errors.ParameterError(
                 f"Parameter '{name}' fails validation on this node: {errstr} "
                 f"(current value: {value!r})", name, value)
+
+
+def check_present(table: Mapping[str, Check], hvparams: Mapping[str, Any]) -> None:
+    """Raise :class:`errors.ParameterError` unless ``hvparams`` is a mapping with every key."""
+    if not isinstance(hvparams, Mapping):
+        raise errors.ParameterError(
+            f"hypervisor parameters must be a mapping, not {type(hvparams).__name__}")
+    missing = sorted(set(table) - set(hvparams))
+    if missing:
+        raise errors.ParameterError(
+            f"Parameter '{missing[0]}' is missing (missing: {', '.join(missing)}); "
+            "pass the filled parameters (constants.HVC_DEFAULTS overlaid with the "
+            "instance's)", missing[0])
+
+
+class ClassOrInstanceMethod(classmethod):
+    """A classmethod that, reached through an object, binds to that object.
+
+    ``Hypervisor.Method(...)`` receives the class, as the cluster manager's
+    classmethods do; ``hypervisor.Method(...)`` receives the object, so the
+    method can use that object's settings (its run directory, its socat).
+    It stays a :class:`classmethod`, so introspection sees the contract's
+    kind.  The method tells the two apart with ``isinstance(x, type)``.
+    """
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return super().__get__(obj, objtype)
+        return types.MethodType(self.__func__, obj)
+
+
+def _unsupported(owner: Any, what: str) -> errors.HypervisorError:
+    name = owner.__name__ if isinstance(owner, type) else type(owner).__name__
+    return errors.HypervisorError(f"{name} does not support {what}")
 
 
 class BaseHypervisor:
@@ -131,11 +227,15 @@ class BaseHypervisor:
 
     Subclasses fill ``PARAMETERS`` and override the operations; the base
     implementations of the operations raise :class:`errors.HypervisorError`
-    so that an unsupported call fails clearly.
+    so that an unsupported call fails clearly.  Each member keeps the kind
+    (method, classmethod, staticmethod) and the positional arguments it has
+    in the cluster manager's 2011 driver (Ganeti 2.5).
     """
 
     PARAMETERS: dict[str, Check] = {}
     PARAMETER_TYPES: dict[str, str] = {}
+    # Files the cluster manager copies to every node (none by default).
+    ANCILLARY_FILES: ClassVar[list[str]] = []
     CAN_MIGRATE = False
 
     # --- parameter checks -------------------------------------------------
@@ -148,23 +248,35 @@ class BaseHypervisor:
         parameters) and no unknown key may be.  Raises
         :class:`errors.HypervisorError` naming the parameter and its value.
         """
-        apply_syntax_checks(cls.PARAMETERS, cls.PARAMETER_TYPES or {
-            k: constants.VTYPE_STRING for k in cls.PARAMETERS}, hvparams)
+        apply_syntax_checks(cls.PARAMETERS, cls.PARAMETER_TYPES or dict.fromkeys(
+            cls.PARAMETERS, constants.VTYPE_STRING), hvparams)
 
-    def ValidateParameters(self, hvparams: Mapping[str, Any]) -> None:
+    @classmethod
+    def ValidateParameters(cls, hvparams: Mapping[str, Any]) -> None:
         """Check ``hvparams`` against this node (files and directories exist)."""
-        apply_node_checks(self.PARAMETERS, hvparams)
+        check_present(cls.PARAMETERS, hvparams)
+        apply_node_checks(cls.PARAMETERS, hvparams)
+
+    @classmethod
+    def GetAncillaryFiles(cls) -> list[str]:
+        """The files the cluster manager must copy to every node (a new list)."""
+        return list(cls.ANCILLARY_FILES)
 
     # --- node information -------------------------------------------------
 
     @staticmethod
     def GetLinuxNodeInfo(meminfo: str = "/proc/meminfo",
-                         cpuinfo: str = "/proc/cpuinfo") -> dict[str, int]:
-        """Return memory_total, memory_free, memory_dom0 (MiB) and cpu_total."""
+                         cpuinfo: str = "/proc/cpuinfo",
+                         numa_nodes: str = "/sys/devices/system/node") -> dict[str, int]:
+        """Return memory_total, memory_free, memory_dom0 (MiB), cpu_total,
+        cpu_nodes (NUMA nodes) and cpu_sockets, the keys of the 2011 driver."""
+        for path in (meminfo, cpuinfo, numa_nodes):
+            if not isinstance(path, str):  # open(5) would read, then close, fd 5
+                raise errors.HypervisorError(f"Node information paths must be text, not {path!r}")
         try:
             with open(meminfo, encoding="ascii") as handle:
                 lines = handle.read().splitlines()
-        except OSError as err:
+        except (OSError, ValueError, TypeError) as err:  # also a NUL, not text, not a path
             raise errors.HypervisorError(f"Cannot read {meminfo}: {err}") from err
         fields: dict[str, int] = {}
         for line in lines:
@@ -184,54 +296,62 @@ class BaseHypervisor:
         }
         try:
             with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-                cpus = sum(1 for line in handle if line.startswith("processor"))
-        except OSError as err:
+                cpu_lines = handle.read().splitlines()
+        except (OSError, ValueError, TypeError) as err:
             raise errors.HypervisorError(f"Cannot read {cpuinfo}: {err}") from err
+        cpus = sum(1 for line in cpu_lines if line.startswith("processor"))
+        sockets = {line.partition(":")[2].strip() for line in cpu_lines
+                   if line.startswith("physical id")}
         result["cpu_total"] = cpus or (os.cpu_count() or 1)
+        try:
+            result["cpu_nodes"] = len(glob.glob(os.path.join(numa_nodes, "node[0-9]*"))) or 1
+        except (ValueError, TypeError) as err:
+            raise errors.HypervisorError(f"Cannot list NUMA nodes in {numa_nodes!r}: {err}") \
+                from err
+        result["cpu_sockets"] = len(sockets) or 1
         return result
 
-    @staticmethod
-    def LinuxPowercycle(sysrq_trigger: str = "/proc/sysrq-trigger") -> None:
+    @classmethod
+    def LinuxPowercycle(cls, sysrq_trigger: str = "/proc/sysrq-trigger") -> None:
         """Reboot the node at once through sysrq (sync, then reboot); does not return on success."""
+        if not isinstance(sysrq_trigger, str):  # open(1) would write to fd 1
+            raise errors.HypervisorError(f"The sysrq trigger must be a path, not {sysrq_trigger!r}")
         try:
             with open(sysrq_trigger, "w", encoding="ascii") as handle:
                 handle.write("s")
             with open(sysrq_trigger, "w", encoding="ascii") as handle:
                 handle.write("b")
-        except OSError as err:
+        except (OSError, ValueError, TypeError) as err:
             raise errors.HypervisorError(
                 f"Failed to power-cycle the node through {sysrq_trigger}: {err}") from err
 
     # --- operations (overridden by hypervisors) -----------------------------
 
-    def _unsupported(self, what: str) -> errors.HypervisorError:
-        return errors.HypervisorError(f"{type(self).__name__} does not support {what}")
-
     def StartInstance(self, instance: Any, block_devices: Any,
                       startup_paused: bool = False) -> None:
-        raise self._unsupported("StartInstance")
+        raise _unsupported(self, "StartInstance")
 
     def StopInstance(self, instance: Any, force: bool = False, retry: bool = False,
                      name: str | None = None, timeout: float | None = None) -> None:
-        raise self._unsupported("StopInstance")
+        raise _unsupported(self, "StopInstance")
 
     def CleanupInstance(self, instance_name: str) -> None:
         """Remove what a stopped instance left behind; nothing by default."""
 
     def RebootInstance(self, instance: Any) -> None:
-        raise self._unsupported("RebootInstance")
+        raise _unsupported(self, "RebootInstance")
 
     def ListInstances(self) -> list[str]:
-        raise self._unsupported("ListInstances")
+        raise _unsupported(self, "ListInstances")
 
     def GetInstanceInfo(self, instance_name: str) -> tuple | None:
-        raise self._unsupported("GetInstanceInfo")
+        raise _unsupported(self, "GetInstanceInfo")
 
     def GetAllInstancesInfo(self) -> list[tuple]:
-        raise self._unsupported("GetAllInstancesInfo")
+        raise _unsupported(self, "GetAllInstancesInfo")
 
     def GetNodeInfo(self) -> dict[str, int]:
-        raise self._unsupported("GetNodeInfo")
+        raise _unsupported(self, "GetNodeInfo")
 
     def Verify(self) -> str | None:
         """Return None when the node can run instances, else a message."""
@@ -242,13 +362,21 @@ class BaseHypervisor:
         return ""
 
     def AcceptInstance(self, instance: Any, info: str, target: str) -> None:
-        raise self._unsupported("AcceptInstance")
+        raise _unsupported(self, "AcceptInstance")
 
     def FinalizeMigration(self, instance: Any, info: str, success: bool) -> None:
-        raise self._unsupported("FinalizeMigration")
+        raise _unsupported(self, "FinalizeMigration")
 
     def MigrateInstance(self, instance: Any, target: str, live: bool) -> None:
-        raise self._unsupported("MigrateInstance")
+        raise _unsupported(self, "MigrateInstance")
 
-    def PowercycleNode(self) -> None:
-        raise self._unsupported("PowercycleNode")
+    @classmethod
+    def GetInstanceConsole(cls, instance: Any, hvparams: Mapping[str, Any],
+                           beparams: Mapping[str, Any]) -> Any:
+        """How to reach the console of ``instance`` (an objects.InstanceConsole)."""
+        raise _unsupported(cls, "GetInstanceConsole")
+
+    @classmethod
+    def PowercycleNode(cls) -> None:
+        """Hard power-cycle the node; the instances on it stop too."""
+        raise _unsupported(cls, "PowercycleNode")

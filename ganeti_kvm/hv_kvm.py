@@ -14,7 +14,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ganeti_kvm import cmdline, errors, hv_base, migration, objects, paths, validation
+from ganeti_kvm import (
+    cmdline,
+    errors,
+    hv_base,
+    inputs,
+    migration,
+    objects,
+    paths,
+    qemu_caps,
+    validation,
+)
 from ganeti_kvm import constants as c
 from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
 
@@ -35,8 +45,25 @@ def _nic_dict(nic: Any) -> dict[str, Any]:
         data = nic.ToDict()
     else:
         data = {k: getattr(nic, k, None) for k in ("mac", "ip", "nicparams")}
-    data["nicparams"] = dict(data.get("nicparams") or {})
+    data["nicparams"] = dict(inputs.mapping("nicparams", data.get("nicparams")))
     return data
+
+
+def _positive_be(name: str, beparams: Mapping[str, Any], key: str) -> int:
+    """Backend parameter ``key``: a whole number greater than zero, or ParameterError."""
+    value = beparams.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise errors.ParameterError(
+            f"Instance {name}: backend parameter {key} must be a whole number "
+            f"greater than zero, not {value!r}", key, value)
+    return value
+
+
+def _tag_list(tags: Any) -> list[str]:
+    """The instance's tags as a list; the cluster manager keeps a set, which is sorted."""
+    if isinstance(tags, (set, frozenset)):
+        return sorted(str(t) for t in tags)
+    return [str(t) for t in inputs.items("tags", tags)]
 
 
 class KVMHypervisor(hv_base.BaseHypervisor):
@@ -69,10 +96,21 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         """Check the syntax of ``hvparams``, including the checks between keys."""
         validation.check_all_syntax(hvparams)
 
-    def ValidateParameters(self, hvparams: Mapping[str, Any]) -> None:
-        """Check ``hvparams`` against this node: files, users, devices, QEMU's abilities."""
-        hv_base.apply_node_checks(self.PARAMETERS, hvparams)
-        validation.check_node(hvparams, self.node.caps(hvparams[c.HV_KVM_PATH]))
+    @hv_base.ClassOrInstanceMethod
+    def ValidateParameters(cls_or_self: Any, hvparams: Mapping[str, Any]) -> None:
+        """Check ``hvparams`` against this node: files, users, devices, QEMU's abilities.
+
+        A classmethod, as in the cluster manager's driver.  Called on an
+        object, QEMU's abilities are cached under that object's run directory.
+        """
+        hv_base.check_present(cls_or_self.PARAMETERS, hvparams)
+        hv_base.apply_node_checks(cls_or_self.PARAMETERS, hvparams)
+        kvm_path = hvparams[c.HV_KVM_PATH]
+        if isinstance(cls_or_self, type):
+            caps = qemu_caps.probe(kvm_path)
+        else:
+            caps = cls_or_self.node.caps(kvm_path)
+        validation.check_node(hvparams, caps)
 
     @staticmethod
     def FillHvParams(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -86,19 +124,16 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         name = paths.check_instance_name(_attr(instance, "name"))
         hvparams = validation.fill(_attr(instance, "hvparams"))
         beparams = dict(c.BEC_DEFAULTS)
-        beparams.update(_attr(instance, "beparams") or {})
-        memory, vcpus = beparams.get(c.BE_MEMORY), beparams.get(c.BE_VCPUS)
-        for key, value in ((c.BE_MEMORY, memory), (c.BE_VCPUS, vcpus)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise errors.ParameterError(
-                    f"Instance {name}: backend parameter {key} must be a whole number "
-                    f"greater than zero, not {value!r}", key, value)
-        disks = cmdline.normalize_block_devices(list(block_devices or []))
+        beparams.update(inputs.mapping(f"Instance {name}: beparams", _attr(instance, "beparams")))
+        memory, vcpus = (_positive_be(name, beparams, key) for key in (c.BE_MEMORY, c.BE_VCPUS))
+        disks = cmdline.normalize_block_devices(inputs.items("block_devices", block_devices))
         return InstanceSpec(
             name=name, hvparams=hvparams, memory=memory, vcpus=vcpus,
-            nics=[_nic_dict(n) for n in _attr(instance, "nics") or []], disks=disks,
-            tags=[str(t) for t in _attr(instance, "tags") or []],
-            uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"))
+            nics=[_nic_dict(n) for n in inputs.items("nics", _attr(instance, "nics"))],
+            disks=disks,
+            tags=_tag_list(_attr(instance, "tags")),
+            uuid=inputs.optional_text("uuid", _attr(instance, "uuid")),
+            network_port=_attr(instance, "network_port"))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -191,26 +226,37 @@ class KVMHypervisor(hv_base.BaseHypervisor):
             problems.append(str(err))
         return "; ".join(problems) if problems else None
 
-    def PowercycleNode(self) -> None:
+    @classmethod
+    def PowercycleNode(cls) -> None:
         """Reboot the node at once (sysrq); for a hung node only."""
-        self.LinuxPowercycle()
+        cls.LinuxPowercycle()
 
     # --- consoles --------------------------------------------------------------
 
-    @classmethod
-    def GetInstanceConsole(cls, instance: Any, hvparams: Mapping[str, Any],
+    @hv_base.ClassOrInstanceMethod
+    def GetInstanceConsole(cls_or_self: Any, instance: Any, hvparams: Mapping[str, Any],
                            beparams: Mapping[str, Any],
                            run_dir: str | None = None) -> objects.InstanceConsole:
-        """How to reach the console of ``instance``: serial over ssh, VNC, or a message."""
+        """How to reach the console of ``instance``: serial over ssh, VNC, or a message.
+
+        A classmethod, as in the cluster manager's driver: called on the
+        class it uses the default run directory and socat; called on an
+        object, that object's (``run_dir`` overrides either).
+        """
         name = paths.check_instance_name(_attr(instance, "name"))
         hvp = validation.fill(hvparams)
         node = _attr(instance, "primary_node")
+        if isinstance(cls_or_self, type):
+            own_run_dir, socat = paths.default_run_dir(), c.SOCAT_PATH
+        else:
+            own_run_dir, socat = cls_or_self.node.layout.root, cls_or_self.node.socat_path
         if hvp[c.HV_SERIAL_CONSOLE]:
-            ipaths = paths.RunDir(run_dir or paths.default_run_dir()).instance(name)
-            command = [c.KVM_CONSOLE_WRAPPER, c.SOCAT_PATH, name, ipaths.qmp_socket,
-                       "STDIO,raw,echo=0,escape=0x1d", "UNIX-CONNECT:" + ipaths.serial_socket]
+            ipaths = paths.RunDir(run_dir or own_run_dir).instance(name)
+            command = [c.KVM_CONSOLE_WRAPPER, socat, name, ipaths.qmp_socket,
+                       f"STDIO,raw,echo=0,escape={c.SOCAT_ESCAPE_CODE}",
+                       "UNIX-CONNECT:" + ipaths.serial_socket]
             return objects.InstanceConsole(instance=name, kind=c.CONS_SSH, host=node,
-                                           user="root", command=command)
+                                           user=c.GANETI_RUNAS, command=command)
         address = hvp[c.HV_VNC_BIND_ADDRESS]
         port = _attr(instance, "network_port")
         if address and not address.startswith("/") and isinstance(port, int) \

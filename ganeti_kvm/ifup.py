@@ -9,6 +9,7 @@ shell, so instance names or tags full of shell metacharacters are harmless.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -120,7 +121,8 @@ def run_ifup(script: str, env: dict[str, str], timeout: float = DEFAULT_TIMEOUT,
     """
     interface = env.get("INTERFACE", "?")
     what = f"ifup hook {script} for {interface}"
-    if not os.path.isfile(script) or not os.access(script, os.X_OK):
+    if not isinstance(script, str) or "\0" in script or not os.path.isfile(script) \
+            or not os.access(script, os.X_OK):
         raise errors.HypervisorError(
             f"Cannot run {what}: {script} is missing or not executable; reinstall "
             f"ganeti-kvm or fix the hook's path and permissions")
@@ -166,10 +168,8 @@ def run_ifup(script: str, env: dict[str, str], timeout: float = DEFAULT_TIMEOUT,
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the hook's process group (it runs in a session of its own)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _drain(proc: subprocess.Popen[bytes]) -> bytes:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +24,18 @@ from typing import Any
 
 from ganeti_kvm import (
     cmdline,
+    devices,
     errors,
     fsutil,
+    hmp,
     ifup,
+    legacy,
     locking,
+    macaddr,
     netdev,
     process,
     qemu_caps,
+    qemulog,
     qmp_batch,
     runtime,
     uidpool,
@@ -44,6 +51,9 @@ LAUNCH_TIMEOUT = 120.0  # the daemonizing QEMU parent must exit within this
 QMP_READY_TIMEOUT = 30.0  # QMP must answer within this after the parent exited
 LIST_QMP_TIMEOUT = 1.0  # a listing call waits at most this for one instance
 UID_POOL_ENV = "GANETI_KVM_UID_POOL"
+# QEMU run states in which no guest OS runs that could hear the ACPI button.
+NO_GUEST_STATES = frozenset(["prelaunch", "inmigrate", "postmigrate", "finish-migrate",
+                             "shutdown", "guest-panicked", "internal-error"])
 
 
 @dataclass
@@ -104,6 +114,9 @@ class KvmNode:
     def __init__(self, run_dir: str, uid_pool: str | None = None,
                  socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
                  netns: str | None = None) -> None:
+        if not isinstance(run_dir, str) or not run_dir or "\0" in run_dir:
+            raise errors.HypervisorError(
+                f"Invalid run directory {run_dir!r:.100}: give a path without NUL bytes")
         self.layout = RunDir(os.path.abspath(run_dir))
         self.uid_pool_text = uid_pool if uid_pool is not None else os.environ.get(UID_POOL_ENV)
         self.socat_path = socat_path
@@ -128,6 +141,7 @@ class KvmNode:
 
     def caps(self, kvm_path: str) -> qemu_caps.QemuCaps:
         """The capabilities of ``kvm_path``, probed once and cached on disk."""
+        cmdline.check_value(c.HV_KVM_PATH, kvm_path)
         self.ensure_dirs()
         return qemu_caps.probe(kvm_path, cache_dir=self.layout.cache_dir)
 
@@ -180,6 +194,7 @@ class KvmNode:
                 disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags),
                 qemu_version=list(caps.version), uuid=spec.uuid,
                 network_port=spec.network_port)
+            assign_devices(record)  # kept in the record for every later start
             self.start_from_record(record, paused=paused, caps=caps)
 
     def build_argv(self, record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps,
@@ -189,7 +204,7 @@ class KvmNode:
             name=record.name, memory=int(record.beparams[c.BE_MEMORY]),
             vcpus=int(record.beparams[c.BE_VCPUS]), uuid=record.uuid,
             network_port=record.network_port,
-            run_as=self._run_as(record.hvparams, record.uid))
+            run_as=self._run_as(record.hvparams, record.uid), machine=record.machine)
         disks = [cmdline.BlockDevice.from_dict(d) for d in record.disks]
         return cmdline.build_argv(spec, disks, record.hvparams, caps, paths)
 
@@ -201,15 +216,30 @@ class KvmNode:
         The caller holds the instance's lock; ``caps`` are those of the
         record's ``kvm_path`` if the caller has them already.
         The command line is rebuilt from the record's parameters for this
-        node's paths, so a record from another node (a migration) works too;
-        a record upgraded from the 2011 format keeps its command line.
+        node's paths, so a record from another node (a migration) works too.
+        A record upgraded from the 2011 format is rebuilt from its parameters
+        too (a reboot), except on a migration target while a QEMU started by
+        the 2011 driver still runs it: the target must then have the same
+        devices, so it gets that command line for this node
+        (:func:`ganeti_kvm.legacy.target_argv`).
+        The machine type is the record's pinned one (refused up front if
+        this node's QEMU lacks it), or for a new start this QEMU's ``pc``.
         """
         paths = self.paths(record.name)
         undo = _StartUndo()
         try:
             record.uid = self._request_uid(record.name, record.hvparams, undo)
-            if record.upgraded_from is None:
+            if record.upgraded_from is not None and incoming is not None:
+                caps = caps or self._check_upgraded(record)
+                record.argv = legacy.target_argv(record.argv, paths, caps, bool(record.nics),
+                                                 self._run_as(record.hvparams, record.uid))
+                record.qemu_version = list(caps.version)
+            else:
+                if record.upgraded_from is not None:
+                    caps = self._check_upgraded(record)
+                    record.upgraded_from = None  # from now on a record of this library
                 caps = caps or self.caps(record.hvparams[c.HV_KVM_PATH])
+                record.machine = pin_machine(record, caps)
                 record.argv = self.build_argv(record, caps, paths)
                 record.qemu_version = list(caps.version)
             self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
@@ -218,13 +248,32 @@ class KvmNode:
             raise
         undo.forget()
 
+    def _check_upgraded(self, record: runtime.RuntimeRecord) -> qemu_caps.QemuCaps:
+        """Check the parameters of an upgraded record (``upgraded_from`` set) as a
+        new start's are.
+
+        The driver that wrote it (the 2011 one, or Ganeti's bundled one)
+        allowed values that today's QEMU cannot do; they are refused here,
+        naming the parameter, before anything is stopped or started.
+        """
+        try:
+            return self.check_params(record.hvparams)
+        except errors.HypervisorError as err:
+            raise errors.HypervisorError(
+                f"Cannot start instance {record.name} from the runtime record an earlier "
+                f"driver wrote: {err}. Stop it, then start it with today's parameters") from err
+
     def _request_uid(self, name: str, hvparams: Mapping[str, Any],
                      undo: _StartUndo) -> int | None:
         """A uid from this node's pool for security model ``pool``, else None."""
         if hvparams.get(c.HV_SECURITY_MODEL) != c.HT_SM_POOL:
             return None
         pool = self._uid_pool()
-        uid = pool.request(name)
+        try:
+            uid = pool.request(name)
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Cannot allocate a uid for instance {name} in {pool.pool_dir}: {err}") from None
         undo.push(f"release uid {uid}", lambda: pool.release(uid))
         return uid
 
@@ -248,6 +297,7 @@ class KvmNode:
                  undo: _StartUndo, incoming: str | None = None, run_ifup: bool = True) -> None:
         """Launch QEMU from ``record``: TAPs, process, QMP, hooks, password, continue."""
         hvp = record.hvparams
+        macaddr.check_nics(record.name, record.nics)  # before anything is acquired
         if hvp[c.HV_KVM_USE_CHROOT]:
             self._make_chroot(paths)
             undo.push("remove chroot", lambda: self._retire_chroot(paths, record.name))
@@ -257,35 +307,66 @@ class KvmNode:
         undo.push("remove runtime record", lambda: fsutil.remove_file(paths.runtime_file))
         argv = list(record.argv)
         argv += cmdline.build_nic_argv(
-            [cmdline.NicSpec(model=cmdline.NIC_MODELS[hvp[c.HV_NIC_TYPE]],
-                             mac=str(nic["mac"]), fd=fd,
-                             vhost=bool(hvp[c.HV_VHOST_NET]))
-             for nic, (fd, _) in zip(record.nics, taps)],
-            boot_network=hvp[c.HV_BOOT_ORDER] == c.HT_BO_NETWORK and not hvp[c.HV_KERNEL_PATH])
+            [cmdline.NicSpec(model=cmdline.NIC_MODELS.get(hvp[c.HV_NIC_TYPE], ""),
+                             mac=nic["mac"], fd=fd, vhost=bool(hvp[c.HV_VHOST_NET]),
+                             device=devices.identity_of(nic, f"NIC {index} of {record.name}"))
+             for index, (nic, (fd, _)) in enumerate(zip(record.nics, taps, strict=True))],
+            boot_network=hvp[c.HV_BOOT_ORDER] == c.HT_BO_NETWORK and not hvp[c.HV_KERNEL_PATH],
+            name=record.name)
         argv += cmdline.start_flags(paused=True, incoming=incoming)
         undo.push("remove sockets and pidfile", lambda: self._remove_leftovers(paths))
-        self._launch(argv, [fd for fd, _ in taps], record.name)
+        self._launch(argv, [fd for fd, _ in taps], record.name, paths)
         for fd, _ in taps:
             os.close(fd)  # QEMU holds its own copies now
         pid = process.read_pidfile(paths.pidfile)
         if pid is None:
-            raise errors.HypervisorError(
+            raise errors.QemuLaunchError(
                 f"QEMU for instance {record.name} started but wrote no pidfile "
-                f"{paths.pidfile}; check the node's logs")
+                f"{paths.pidfile}.{qemulog.quote(paths.qemu_log) or ' Check the node logs.'}",
+                argv=argv, stderr=qemulog.tail(paths.qemu_log))
         undo.push(f"kill QEMU {pid}", lambda: self._kill(pid))
-        with QmpClient(paths.qmp_socket, timeout=QMP_READY_TIMEOUT) as qmp:
-            qmp.connect()
-            qmp.execute("query-status")
-            if run_ifup:
-                self._configure_nics(record)
-            password_file = hvp[c.HV_VNC_PASSWORD_FILE]
-            if password_file:
-                password = validation.read_vnc_password(password_file)
-                qmp.execute("set_password", {"protocol": "vnc", "password": password})
-            if not paused and incoming is None:
-                qmp.execute("cont")
+        try:
+            # The long-operation monitor: listings ask every instance's short
+            # monitor, which serves one client at a time, so there a start
+            # would queue behind them.  The only other user of this one is a
+            # migration, which needs the lock this start holds.
+            with QmpClient(paths.qmp_long_socket, timeout=QMP_READY_TIMEOUT) as qmp:
+                qmp.connect()
+                qmp.execute("query-status")
+                if run_ifup:
+                    self._configure_nics(record)
+                password_file = hvp[c.HV_VNC_PASSWORD_FILE]
+                if password_file:
+                    password = validation.read_vnc_password(password_file)
+                    qmp.execute("set_password", {"protocol": "vnc", "password": password})
+                if not paused and incoming is None:
+                    qmp.execute("cont")
+        except errors.MonitorError as err:
+            if process.runs_instance(pid, record.name, paths.pidfile):
+                raise
+            said = qemulog.tail(paths.qemu_log)
+            raise errors.QemuLaunchError(
+                f"Failed to start instance {record.name}: QEMU exited after it went to the "
+                f"background ({err}).{qemulog.quote(paths.qemu_log) or ' QEMU said nothing.'}",
+                argv=argv, stderr=said) from err
 
-    def _launch(self, argv: list[str], pass_fds: list[int], name: str) -> None:
+    def _launch(self, argv: list[str], pass_fds: list[int], name: str,
+                paths: InstancePaths) -> None:
+        """Run the daemonizing QEMU; its output before and after goes to its log.
+
+        QEMU writes what it says to the log given by ``-D`` (added if the
+        command line lacks it, as one from the 2011 driver does), both
+        before and after it daemonizes; only errors in options before
+        ``-D`` come on its stderr.  A failure quotes both.
+        """
+        if "-D" not in argv:
+            argv = argv[:1] + cmdline.log_flags(paths) + argv[1:]
+        try:
+            qemulog.prepare(paths.qemu_log)
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Failed to start instance {name}: cannot create its QEMU log "
+                f"{paths.qemu_log}: {err.strerror}; check the run directory") from None
         log.info("Starting instance %s: %s", name, argv)
         try:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -295,12 +376,17 @@ class KvmNode:
                 f"Failed to start instance {name}: QEMU binary {argv[0]} not found ({err})",
                 argv=argv) from None
         except subprocess.TimeoutExpired as err:
-            stderr = (err.stderr or b"").decode("utf-8", "replace").strip()
+            self._kill_launched(name, paths)
+            stderr = _said(err.stderr, paths)
             raise errors.QemuLaunchError(
                 f"Failed to start instance {name}: QEMU did not finish starting within "
                 f"{LAUNCH_TIMEOUT:.0f} s. QEMU said: {stderr or '(nothing)'}",
                 argv=argv, stderr=stderr) from None
-        stderr = result.stderr.decode("utf-8", "replace").strip()
+        except (OSError, ValueError) as err:  # E2BIG, a NUL: the kernel refused the argv
+            raise errors.QemuLaunchError(
+                f"Failed to start instance {name}: cannot run QEMU: {_argv_problem(argv, err)}",
+                argv=argv) from None
+        stderr = _said(result.stderr, paths)
         if result.returncode != 0:
             raise errors.QemuLaunchError(
                 f"Failed to start instance {name}: QEMU exited with code {result.returncode}. "
@@ -308,6 +394,20 @@ class KvmNode:
                 argv=argv, exitcode=result.returncode, stderr=stderr)
         if stderr:
             log.warning("QEMU warnings while starting instance %s: %s", name, stderr)
+
+    def _kill_launched(self, name: str, paths: InstancePaths) -> None:
+        """Kill a QEMU whose launch timed out, if it got as far as its pidfile."""
+        pid = process.read_pidfile(paths.pidfile)
+        if pid is not None and process.runs_instance(pid, name, paths.pidfile):
+            self._kill(pid)
+
+    def qemu_said(self, name: str) -> str:
+        """``" QEMU said: ..."`` with the tail of ``name``'s QEMU log, or ``""``.
+
+        For errors about an instance whose QEMU is gone (see
+        :mod:`ganeti_kvm.qemulog`); read before the log is cleaned up.
+        """
+        return qemulog.quote(self.paths(name).qemu_log)
 
     def _kill(self, pid: int) -> None:
         process.signal_pid(pid, signal.SIGKILL)
@@ -341,22 +441,38 @@ class KvmNode:
     # --- chroot --------------------------------------------------------------
 
     def _make_chroot(self, paths: InstancePaths) -> None:
-        if os.path.isdir(paths.chroot):
-            self._retire_chroot(paths, paths.name)
-        os.makedirs(paths.chroot, mode=0o755)
+        self._retire_chroot(paths, paths.name)
+        try:
+            os.mkdir(paths.chroot, mode=0o755)
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Cannot create the chroot {paths.chroot} of instance {paths.name}: "
+                f"{err.strerror}; check the run directory") from None
 
     def _retire_chroot(self, paths: InstancePaths, name: str) -> None:
         """Remove an instance's chroot; quarantine it if QEMU left anything inside."""
         try:
+            if not stat.S_ISDIR(os.lstat(paths.chroot).st_mode):
+                raise errors.HypervisorError(
+                    f"The chroot {paths.chroot} of instance {name} is not a directory; "
+                    "move it away and retry")
             os.rmdir(paths.chroot)
             return
         except FileNotFoundError:
             return
-        except OSError:
-            pass
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise errors.HypervisorError(
+                    f"Cannot remove the chroot {paths.chroot} of instance {name}: "
+                    f"{err.strerror}") from None
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = os.path.join(self.layout.quarantine_dir, f"{name}-{stamp}")
-        shutil.move(paths.chroot, target)
+        try:
+            shutil.move(paths.chroot, target)
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Cannot move the non-empty chroot {paths.chroot} of instance {name} to "
+                f"{target}: {err}; inspect and remove it by hand") from None
         log.warning("The chroot of instance %s was not empty after it stopped (a possible "
                     "compromise); moved it to %s for inspection", name, target)
 
@@ -372,12 +488,12 @@ class KvmNode:
                      timeout: float | None) -> bool:
         pid = self.running_pid(name)
         if pid is None:
+            self._report_dead(name, paths)
             self._cleanup_stopped(name, paths)
             return True
         if acpi and not force:
             try:
-                with QmpClient(paths.qmp_socket, timeout=5.0) as qmp:
-                    qmp.execute("system_powerdown")
+                pressed = self._press_power_button(paths)
             except errors.MonitorError as err:
                 if timeout is None:
                     raise errors.HypervisorError(
@@ -386,36 +502,101 @@ class KvmNode:
                 log.warning("ACPI power-down of %s failed (%s); stopping it by signal",
                             name, err)
             else:
-                if timeout is None:
+                if not pressed:
+                    log.info("Instance %s runs no guest that could hear the ACPI button; "
+                             "terminating its QEMU", name)
+                elif timeout is None:
                     return False  # the caller polls, as the cluster manager does
-                if process.wait_gone(pid, timeout):
+                elif process.wait_gone(pid, timeout):
                     self._cleanup_stopped(name, paths)
                     return True
-                log.warning("Instance %s did not power off within %.1f s; terminating it",
-                            name, timeout)
+                else:
+                    log.warning("Instance %s did not power off within %.1f s; terminating it",
+                                name, timeout)
         if not process.terminate(pid):
             raise errors.HypervisorError(
                 f"Failed to stop instance {name}: QEMU process {pid} survived SIGKILL")
         self._cleanup_stopped(name, paths)
         return True
 
+    def _press_power_button(self, paths: InstancePaths) -> bool:
+        """Press the ACPI power button if a guest can hear it; False if none can.
+
+        A QEMU that never ran its guest (started paused), or that only
+        waits for or has finished a migration, has no guest OS to react:
+        waiting for it to power off would only cost the stop's timeout.
+        """
+        if self.human_monitor_only(paths):
+            state = hmp.run_state(hmp.hmp_command(paths.monitor_socket, "info status", 5.0))
+        else:
+            with QmpClient(paths.qmp_socket, timeout=5.0) as client:
+                state = str(client.execute("query-status")["status"])
+                if state not in NO_GUEST_STATES:
+                    client.execute("system_powerdown")
+                return state not in NO_GUEST_STATES
+        if state in NO_GUEST_STATES:
+            return False
+        self.monitor_command(paths, "system_powerdown", timeout=5.0)
+        return True
+
     def _cleanup_stopped(self, name: str, paths: InstancePaths) -> None:
-        """Release everything of a stopped instance: files, uid, chroot."""
+        """Release everything of a stopped instance: uid, chroot, files, 2011 leftovers.
+
+        Every step runs even if an earlier one fails; then the failures are
+        raised together, each naming its path.
+        """
+        problems: list[str] = []
         try:
             record = self.load_record(name)
         except errors.RuntimeStateError as err:
             log.warning("Ignoring the unreadable runtime record of %s: %s", name, err)
             record = None
-        if record is not None and record.uid is not None and self.uid_pool_text:
-            self._uid_pool().release(record.uid)
-        self._retire_chroot(paths, name)
-        self._remove_leftovers(paths)
-        fsutil.remove_file(paths.runtime_file)
+        for step in (lambda: self._release_uids(name, record),
+                     lambda: self._retire_chroot(paths, name),
+                     lambda: self._remove_leftovers(paths)):
+            try:
+                step()
+            except errors.HypervisorError as err:
+                problems.append(str(err))
+        if problems:
+            raise errors.HypervisorError(
+                f"Cleaning up instance {name} left state behind: {'; '.join(problems)}")
+
+    def _release_uids(self, name: str, record: runtime.RuntimeRecord | None) -> None:
+        """Free every pool uid recorded for ``name`` (also when its record is unreadable
+        or this hypervisor was made without a uid pool)."""
+        pool = uidpool.UidPool(self.layout.uid_dir, [])  # releasing needs no ranges
+        try:
+            owned = {uid for uid, owner in pool.allocated().items() if owner == name}
+            if record is not None and record.uid is not None \
+                    and pool.owner_of(record.uid) == name:
+                owned.add(record.uid)
+            for uid in sorted(owned):
+                pool.release(uid)
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Cannot release the uids of instance {name} in {pool.pool_dir}: {err}") from None
 
     @staticmethod
     def _remove_leftovers(paths: InstancePaths) -> None:
-        for path in paths.runtime_files():
-            fsutil.remove_file(path)
+        """Remove the files a stopped instance may leave: sockets, pidfile, log, record,
+        half-written records, and what the 2011 driver kept per instance."""
+        problems = []
+        for path in paths.runtime_files() + [paths.runtime_file] + _stale_temp_files(paths):
+            try:
+                fsutil.remove_file(path)
+            except errors.HypervisorError as err:
+                problems.append(str(err))
+        for path in legacy.leftovers(paths.run_dir.root, paths.name):
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    fsutil.remove_file(path)
+            except (OSError, errors.HypervisorError) as err:
+                problems.append(f"Cannot remove {path}: {err}")
+        if problems:
+            raise errors.HypervisorError("; ".join(problems))
 
     def cleanup(self, name: str) -> None:
         """Remove everything a stopped instance left; refuses while it runs."""
@@ -423,7 +604,15 @@ class KvmNode:
             if self.running_pid(name) is not None:
                 raise errors.HypervisorError(
                     f"Cannot clean up instance {name}: it is still running; stop it first")
+            self._report_dead(name, paths)
             self._cleanup_stopped(name, paths)
+
+    @staticmethod
+    def _report_dead(name: str, paths: InstancePaths) -> None:
+        """Log the last words of a QEMU found dead, before its log is cleaned up."""
+        said = qemulog.tail(paths.qemu_log)
+        if said:
+            log.warning("Instance %s had already stopped. QEMU said: %s", name, said)
 
     # --- reboot --------------------------------------------------------------
 
@@ -431,12 +620,21 @@ class KvmNode:
         """Stop ``name`` and start it again from its saved runtime record."""
         with self.locked(name, "reboot") as paths:
             if self.running_pid(name) is None:
-                raise errors.HypervisorError(f"Failed to reboot instance {name}: not running")
+                raise errors.InstanceNotRunning(
+                    f"Failed to reboot instance {name}: not running."
+                    f"{qemulog.quote(paths.qemu_log)}")
             record = self.load_record(name)
             if record is None:
                 raise errors.RuntimeStateError(
                     f"Failed to reboot instance {name}: no runtime record at "
                     f"{paths.runtime_file}")
+            if record.upgraded_from is None:
+                if record.machine is None:
+                    record.machine = self.running_machine(name)  # keep what the guest had
+                # refused here, before the stop, if this node's QEMU lacks the type
+                pin_machine(record, self.caps(record.hvparams[c.HV_KVM_PATH]))
+            else:
+                self._check_upgraded(record)  # refused before the stop, not after it
             self._stop_locked(name, paths, bool(record.hvparams.get(c.HV_ACPI)), False,
                               acpi_timeout)
             self.start_from_record(record, paused=False)
@@ -444,11 +642,19 @@ class KvmNode:
     # --- listing -------------------------------------------------------------
 
     def _scan(self) -> Iterator[tuple[InstancePaths, process.QemuProcess]]:
-        """Every instance whose QEMU really runs, with what /proc showed of it."""
+        """Every instance whose QEMU really runs, with what /proc showed of it.
+
+        An entry that is not a readable pidfile (a directory, say) is skipped:
+        it cannot be a QEMU of ours, and the other instances are still listed.
+        """
         try:
             entries = sorted(os.listdir(self.layout.pid_dir))
         except FileNotFoundError:
             return
+        except OSError as err:
+            raise errors.HypervisorError(
+                f"Cannot list the pidfiles in {self.layout.pid_dir}: {err.strerror}; "
+                "it must be a directory readable by this process") from None
         for entry in entries:
             try:
                 paths = self.paths(entry)
@@ -475,6 +681,48 @@ class KvmNode:
         """Every running instance."""
         return _describe(self._scan())
 
+    def running_machine(self, name: str) -> str | None:
+        """The machine type instance ``name``'s QEMU really emulates, asked over QMP.
+
+        For records without a pinned type (written before it existed, or
+        upgraded from 2011): QEMU's answer is the truth, the probe's alias
+        table is only what a new start would get today.  None (logged) when
+        QEMU cannot tell; the caller then falls back to this node's ``pc``.
+        """
+        try:
+            answer = self.qmp(name, "qom-get", {"path": "/machine", "property": "type"})
+        except errors.MonitorError as err:
+            log.warning("Cannot ask instance %s's QEMU for its machine type: %s", name, err)
+            return None
+        machine = qemu_caps.machine_from_qom_type(answer)
+        if machine is None:
+            log.warning("Instance %s's QEMU named no machine type: %r", name, answer)
+        return machine
+
+    @staticmethod
+    def human_monitor_only(paths: InstancePaths) -> bool:
+        """Whether the instance's QEMU has only the 2011 driver's human monitor, no QMP."""
+        return not os.path.exists(paths.qmp_socket) and os.path.exists(paths.monitor_socket)
+
+    def monitor_command(self, paths: InstancePaths, command: str, timeout: float = 10.0) -> None:
+        """Run an argument-less command that QMP and the human monitor spell alike
+        (``system_powerdown``, ``stop``, ``cont``, ``quit``), on whichever the QEMU has."""
+        if self.human_monitor_only(paths):
+            output = hmp.hmp_command(paths.monitor_socket, command, timeout)
+            if output:
+                raise errors.MonitorError(
+                    f"{command} on the human monitor of instance {paths.name} failed: {output}")
+            return
+        with QmpClient(paths.qmp_socket, timeout=timeout) as client:
+            client.execute(command)
+
+    def run_state(self, name: str) -> str:
+        """QEMU's run state of running instance ``name`` (``running``, ``paused``, ...)."""
+        paths = self.paths(name)
+        if self.running_pid(name) is not None and self.human_monitor_only(paths):
+            return hmp.run_state(hmp.hmp_command(paths.monitor_socket, "info status"))
+        return str(self.qmp(name, "query-status")["status"])
+
     def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None,
             timeout: float = 10.0) -> Any:
         """Run one QMP command on running instance ``name``."""
@@ -491,6 +739,83 @@ class _NicView:
         self.mac = nic.get("mac")
         self.ip = nic.get("ip")
         self.nicparams = dict(nic.get("nicparams") or {})
+
+
+def assign_devices(record: runtime.RuntimeRecord) -> None:
+    """Give each NIC and disk of ``record`` without a device identity a new one, in place.
+
+    For a new start: each gets a name and a PCI slot
+    (:func:`ganeti_kvm.devices.allocate`).  Identities already there are
+    kept and their slots avoided.
+    """
+    hvp = record.hvparams
+    nics = [devices.identity_of(n, f"NIC {i} of {record.name}")
+            for i, n in enumerate(record.nics)]
+    disks = [devices.identity_of(d, f"disk {i} of {record.name}")
+             for i, d in enumerate(record.disks)]
+    if all(i is not None for i in nics + disks):
+        return
+    nic_ids, disk_ids = devices.allocate(
+        nics, disks, nic_on_pci=hvp.get(c.HV_NIC_TYPE) != c.HT_NIC_NE2K_ISA,
+        disk_on_pci=hvp.get(c.HV_DISK_TYPE) == c.HT_DISK_PARAVIRTUAL,
+        rom=hvp.get(c.HV_BOOT_ORDER) == c.HT_BO_NETWORK and not hvp.get(c.HV_KERNEL_PATH),
+        disk_type=str(hvp.get(c.HV_DISK_TYPE)), name=record.name)
+    for entry, ident in [*zip(record.nics, nic_ids, strict=True),
+                         *zip(record.disks, disk_ids, strict=True)]:
+        entry[devices.DEVICE_KEY] = ident.to_dict()
+
+
+def pin_machine(record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps) -> str | None:
+    """The machine type ``record`` starts with on QEMU ``caps``: pinned, or pinned now.
+
+    A record's type is kept on every later start and refused up front (with
+    what to do) if this QEMU lacks it, rather than letting QEMU fail later,
+    or, on a migration target, the migration break with "Broken pipe".  A
+    record without one takes this QEMU's ``pc`` type (None if its alias
+    table names none: then QEMU resolves ``pc`` itself).
+    """
+    if record.machine is None:
+        return caps.pinned_machine()
+    reason = caps.missing_machine(record.machine)
+    if reason is not None:
+        raise errors.HypervisorError(
+            f"Cannot start instance {record.name}: {reason}, the type it was first started "
+            f"with. Start it on a node whose QEMU has {record.machine}, or stop it and start "
+            "it afresh here (a new start pins this QEMU's type)")
+    return record.machine
+
+
+def _said(stderr: bytes | None, paths: InstancePaths) -> str:
+    """What a launching QEMU said: its stderr (options before ``-D``) and its log."""
+    parts = [(stderr or b"").decode("utf-8", "replace").strip(), qemulog.tail(paths.qemu_log)]
+    return "\n".join(part for part in parts if part)
+
+
+def _argv_problem(argv: Sequence[str], err: Exception) -> str:
+    """Which argument the kernel refused (a NUL, too long, not encodable) and why."""
+    for index, arg in enumerate(argv):
+        try:
+            size = len(os.fsencode(arg))
+        except (UnicodeError, TypeError):
+            size, bad = 0, "is not valid text"
+        else:
+            bad = ("contains a NUL byte" if "\0" in arg
+                   else f"is {size} bytes long" if size >= cmdline.MAX_VALUE_BYTES else "")
+        if bad:
+            option = argv[index - 1] if index and argv[index - 1].startswith("-") else None
+            where = f"the value of {option}" if option else f"argument {index}"
+            return f"{where} {bad} ({err}); fix the parameter that sets it"
+    return f"{err}; check the QEMU binary and its command line"
+
+
+def _stale_temp_files(paths: InstancePaths) -> list[str]:
+    """Temporary files of runtime record writes that a crash interrupted."""
+    directory, base = os.path.split(paths.runtime_file)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, e) for e in entries if e.startswith(f".{base}.")]
 
 
 def _close_quietly(fd: int) -> None:

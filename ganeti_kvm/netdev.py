@@ -153,7 +153,8 @@ def validate_tap_name(name: str) -> None:
 
 def netns_path(netns: str) -> str:
     """Path of the ``ip netns`` namespace called ``netns``; raise if it does not exist."""
-    if not _NETNS_NAME_RE.match(netns) or netns in (".", ".."):
+    if not isinstance(netns, str) or not _NETNS_NAME_RE.fullmatch(netns) \
+            or netns in (".", ".."):
         raise errors.HypervisorError(
             f"Invalid network namespace name {netns!r}: give the name of a namespace "
             f"listed by 'ip netns list'")

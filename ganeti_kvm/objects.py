@@ -1,10 +1,13 @@
 """Configuration objects passed to the hypervisor.
 
 These mirror the cluster manager's ``ganeti.objects`` classes of the same
-names: keyword constructors, ``ToDict``/``FromDict`` round trips, and only
-the attributes a hypervisor reads.  The hypervisor itself never insists on
-these classes: any object with the same attributes works (a node daemon
-passes its own objects).
+names: keyword constructors, ``ToDict``/``FromDict`` round trips, and every
+attribute those classes have had, from Ganeti 2.4/2.5 (2011) to Ganeti 3.0,
+so that code written for the cluster manager builds them unchanged.  The
+hypervisor reads only what it needs (name, primary_node, hvparams,
+beparams, nics, tags, uuid, network_port; a disk's mode) and carries the
+rest.  It never insists on these classes: any object with the same
+attributes works (a node daemon passes its own objects).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ class ConfigObject:
             raise TypeError(f"{type(self).__name__} has no attribute(s) "
                             f"{', '.join(sorted(kwargs))}")
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a slot never set (an object made without __init__):
+        # None, as the cluster manager's objects answer.
+        if name in type(self).__slots__:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def ToDict(self) -> dict[str, Any]:
         """Return a plain dict (JSON-serialisable) of the set attributes."""
         result: dict[str, Any] = {}
@@ -39,7 +49,7 @@ class ConfigObject:
         return result
 
     @classmethod
-    def FromDict(cls, data: dict[str, Any]) -> "ConfigObject":
+    def FromDict(cls, data: dict[str, Any]) -> ConfigObject:
         """Build an object from what :meth:`ToDict` returned."""
         if not isinstance(data, dict):
             raise errors.ConfigurationError(
@@ -50,12 +60,12 @@ class ConfigObject:
                 f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
         return cls(**copy.deepcopy(data))
 
-    def Copy(self) -> "ConfigObject":
+    def Copy(self) -> ConfigObject:
         """Return a deep copy."""
         return type(self).FromDict(self.ToDict())
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.ToDict() == other.ToDict()  # type: ignore[union-attr]
+        return type(self) is type(other) and self.ToDict() == other.ToDict()
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.ToDict().items())
@@ -75,36 +85,90 @@ def _to_plain(value: Any) -> Any:
 
 
 class NIC(ConfigObject):
-    """A network interface: MAC, optional IP, and nicparams (mode, link)."""
+    """A network interface: MAC, optional IP, and nicparams (mode, link).
 
-    __slots__ = ("mac", "ip", "nicparams", "uuid", "name")
+    The slots are those of the cluster manager's NIC in 2.5 (mac, ip,
+    nicparams) and in 3.0 (name, network, netinfo, pci, hvinfo, uuid).
+    """
+
+    __slots__ = ("mac", "ip", "nicparams", "name", "network", "netinfo", "pci",
+                 "hvinfo", "uuid")
     _DEFAULTS = {"nicparams": {}}
 
 
 class Disk(ConfigObject):
-    """A disk as the cluster manager describes it; the hypervisor reads ``mode``."""
+    """A disk as the cluster manager describes it; the hypervisor reads ``mode``.
 
-    __slots__ = ("dev_type", "logical_id", "iv_name", "size", "mode", "params",
-                 "uuid", "name")
+    The slots are those of the cluster manager's Disk in 2.5 (dev_type,
+    logical_id, physical_id, children, iv_name, size, mode) and in 3.0
+    (forthcoming, name, nodes, params, spindles, pci, hvinfo, serial_no,
+    dynamic_params, uuid, ctime, mtime).  ``children`` holds Disks.
+    """
+
+    __slots__ = ("dev_type", "logical_id", "physical_id", "children", "iv_name",
+                 "size", "mode", "params", "forthcoming", "name", "nodes",
+                 "spindles", "pci", "hvinfo", "serial_no", "dynamic_params",
+                 "uuid", "ctime", "mtime")
     _DEFAULTS = {"mode": constants.DISK_RDWR, "params": {}}
+    children: list[Disk] | None
+
+    @classmethod
+    def FromDict(cls, data: dict[str, Any]) -> Disk:
+        obj = super().FromDict(data)
+        assert isinstance(obj, Disk)
+        if obj.children is not None:
+            obj.children = _objects_from(cls, obj.children, "children")
+        return obj
 
 
 class Instance(ConfigObject):
-    """An instance: name, node, parameters, NICs and disks."""
+    """An instance: name, node, parameters, NICs and disks.
+
+    The slots are those of the cluster manager's Instance (a TaggableObject)
+    in 2.5 (name, primary_node, os, hypervisor, hvparams, beparams,
+    osparams, admin_up, nics, disks, disk_template, network_port,
+    serial_no, ctime, mtime, uuid, tags) and in 3.0 (forthcoming,
+    secondary_nodes, osparams_private, admin_state, admin_state_source,
+    disks_info, disks_active).  In 3.0's configuration ``disks`` may hold
+    disk UUIDs (strings); those are kept as they are.
+    """
 
     __slots__ = ("name", "primary_node", "os", "hypervisor", "hvparams",
-                 "beparams", "osparams", "nics", "disks", "tags",
-                 "network_port", "uuid", "admin_state")
+                 "beparams", "osparams", "admin_up", "nics", "disks",
+                 "disk_template", "network_port", "serial_no", "forthcoming",
+                 "secondary_nodes", "osparams_private", "admin_state",
+                 "admin_state_source", "disks_info", "disks_active", "tags",
+                 "ctime", "mtime", "uuid")
     _DEFAULTS = {"hypervisor": constants.HT_KVM, "hvparams": {}, "beparams": {},
                  "osparams": {}, "nics": [], "disks": [], "tags": []}
 
+    nics: list[NIC]
+    disks: list[Disk | str]
+
     @classmethod
-    def FromDict(cls, data: dict[str, Any]) -> "Instance":
+    def FromDict(cls, data: dict[str, Any]) -> Instance:
         obj = super().FromDict(data)
         assert isinstance(obj, Instance)
-        obj.nics = [n if isinstance(n, NIC) else NIC.FromDict(n) for n in obj.nics or []]
-        obj.disks = [d if isinstance(d, Disk) else Disk.FromDict(d) for d in obj.disks or []]
+        obj.nics = _objects_from(NIC, obj.nics, "nics")
+        obj.disks = _objects_from(Disk, obj.disks, "disks", keep_strings=True)
         return obj
+
+
+def _objects_from(kind: type[ConfigObject], items: Any, field: str,
+                  keep_strings: bool = False) -> list[Any]:
+    """``items`` (a list of dicts or objects) as a list of ``kind`` objects."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise errors.ConfigurationError(
+            f"{field} must be a list of {kind.__name__} dicts, not {type(items).__name__}")
+    result: list[Any] = []
+    for item in items:
+        if isinstance(item, kind) or (keep_strings and isinstance(item, str)):
+            result.append(item)
+        else:
+            result.append(kind.FromDict(item))
+    return result
 
 
 class InstanceConsole(ConfigObject):

@@ -81,7 +81,7 @@ class RunDir:
         return [self.root, self.pid_dir, self.ctrl_dir, self.conf_dir, self.lock_dir,
                 self.uid_dir, self.chroot_dir, self.quarantine_dir, self.cache_dir]
 
-    def instance(self, name: str) -> "InstancePaths":
+    def instance(self, name: str) -> InstancePaths:
         """The paths of one instance; validates the name and socket path lengths."""
         check_instance_name(name)
         paths = InstancePaths(self, name)
@@ -110,8 +110,9 @@ class InstancePaths:
 
     @property
     def qmp_long_socket(self) -> str:
-        """A second QMP monitor for long operations (migration), so that the
-        short calls on :attr:`qmp_socket` are never queued behind them: a QMP
+        """A second QMP monitor for the operations that hold the instance's
+        lock (a start's set-up, a migration), so that they never queue behind
+        the listing calls on :attr:`qmp_socket`, nor those behind them: a QMP
         socket serves one client at a time."""
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".qmpl")
 
@@ -128,6 +129,16 @@ class InstancePaths:
         return os.path.join(self.run_dir.conf_dir, self.name + ".runtime")
 
     @property
+    def migration_state(self) -> str:
+        """The source's record of a migration in progress (see :mod:`ganeti_kvm.migration`)."""
+        return os.path.join(self.run_dir.conf_dir, self.name + ".migration")
+
+    @property
+    def qemu_log(self) -> str:
+        """QEMU's own output (``-D``), emptied at every start; see :mod:`ganeti_kvm.qemulog`."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".log")
+
+    @property
     def lock_file(self) -> str:
         return os.path.join(self.run_dir.lock_dir, self.name + ".lock")
 
@@ -142,4 +153,4 @@ class InstancePaths:
     def runtime_files(self) -> list[str]:
         """Files that a stopped instance may leave behind."""
         return [self.pidfile, self.qmp_socket, self.qmp_long_socket, self.monitor_socket,
-                self.serial_socket]
+                self.serial_socket, self.qemu_log, self.migration_state]

@@ -18,6 +18,7 @@ Everything that turns QEMU's output into data is a pure function
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,6 +72,15 @@ _DEVICE_ALIAS_RE = re.compile(r'\balias\s+"([^"]+)"')
 _MACHINE_ALIAS_RE = re.compile(r"\(alias of ([^\s)]+)\)")
 _MACHINE_DEFAULT_RE = re.compile(r"\(default\)")
 _WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# A machine type name as it may reach ``-machine``: no comma, ``=`` or space.
+_MACHINE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A versioned machine type: family and version (``pc-i440fx`` and ``7.2``).
+_MACHINE_VERSION_RE = re.compile(r"(.+)-(\d+)\.(\d+)")
+
+#: The alias the 2011 driver's command line left QEMU to resolve (no ``-M``).
+DEFAULT_MACHINE = "pc"
+#: What QOM appends to a machine type's name (``qom-get /machine type``).
+QOM_MACHINE_SUFFIX = "-machine"
 
 
 # --- the capabilities -------------------------------------------------------------------------
@@ -126,6 +136,34 @@ class QemuCaps:
         resolved name so that the destination emulates the same machine.
         """
         return dict(self.machine_aliases).get(name, name)
+
+    def pinned_machine(self, alias: str = DEFAULT_MACHINE) -> str | None:
+        """The versioned type this binary runs for ``alias``, or None if it names none.
+
+        This is ``-machine help``'s own alias table, the one QEMU applies to
+        ``-machine pc``: a new start pins its answer, so that every later
+        start of the instance (reboot, migration target) emulates the same
+        machine whatever QEMU the node has by then.
+        """
+        resolved = self.resolve_machine(alias)
+        return resolved if resolved != alias and resolved in self.machines else None
+
+    def missing_machine(self, machine: str) -> str | None:
+        """Why this binary cannot run machine type ``machine``, or None if it can.
+
+        The reason names the binary, its version and the newest type of the
+        same family it has (``pc-i440fx-7.2`` for ``pc-i440fx-10.0``).
+        """
+        if machine in self.machines:
+            return None
+        version = ".".join(map(str, self.version))
+        reason = f"QEMU {self.path} (version {version}) has no machine type {machine}"
+        family = _machine_family(machine)
+        same = [(number, m) for m in self.machines
+                if _machine_family(m) == family and (number := _machine_version(m))]
+        if same:
+            reason += f" (its newest {family}-* type is {max(same)[1]})"
+        return reason
 
     # --- named options the driver asks about --------------------------------------------------
 
@@ -232,6 +270,47 @@ class QemuCaps:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"Invalid QEMU capabilities record: {err!r}") from err
+
+
+def is_machine_name(name: object) -> bool:
+    """Whether ``name`` can be a machine type on QEMU's command line (no ``,``/``=``)."""
+    return isinstance(name, str) and _MACHINE_NAME_RE.fullmatch(name) is not None
+
+
+def _machine_family(name: str) -> str:
+    match = _MACHINE_VERSION_RE.fullmatch(name)
+    return match.group(1) if match else name
+
+
+def _machine_version(name: str) -> tuple[int, int] | None:
+    match = _MACHINE_VERSION_RE.fullmatch(name)
+    return (int(match.group(2)), int(match.group(3))) if match else None
+
+
+def machine_from_qom_type(type_name: object) -> str | None:
+    """The machine type from ``qom-get /machine type`` (``pc-i440fx-7.2-machine``).
+
+    This is what a running QEMU really emulates.  ``query-machines`` would
+    be the documented way, but QEMU 7.2 and 10.0 do not fill its
+    ``is-current`` flag, so the object's QOM type is asked instead.
+    None when the answer is not a machine type name.
+    """
+    if not isinstance(type_name, str) or not type_name.endswith(QOM_MACHINE_SUFFIX):
+        return None
+    name = type_name[:-len(QOM_MACHINE_SUFFIX)]
+    return name if is_machine_name(name) else None
+
+
+def machine_of_version(version: Sequence[int], alias: str = DEFAULT_MACHINE) -> str | None:
+    """The type upstream QEMU ``version`` resolves ``pc`` to (7.2.22 -> ``pc-i440fx-7.2``).
+
+    Upstream QEMU points ``pc`` at the i440FX type of its own major.minor
+    release; distributions that patch the table (RHEL's ``pc-i440fx-rhel7.6.0``)
+    do not, so this is only a best guess for records that say nothing better.
+    """
+    if alias != DEFAULT_MACHINE or len(version) < 2:
+        return None
+    return f"pc-i440fx-{int(version[0])}.{int(version[1])}"
 
 
 def _text(value: object) -> str:
@@ -618,10 +697,8 @@ def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """Kill and reap a probe process that is no longer wanted."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         proc.kill()
-    except ProcessLookupError:
-        pass
     try:
         proc.communicate(timeout=5)
     except (subprocess.TimeoutExpired, OSError, ValueError):

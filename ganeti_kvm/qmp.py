@@ -13,14 +13,18 @@ and :meth:`QmpClient.events`.
 Every operation is bounded by a timeout: a QEMU that is stopped (SIGSTOP),
 hung, or whose monitor is held by another client (a QMP socket serves one
 client at a time) makes the call fail with :class:`MonitorTimeout` instead of
-blocking the caller.  Only the standard library is used; no subprocess and no
-shell are involved.
+blocking the caller.  A monitor busy with other clients (listings, the
+console wrapper) refuses new connections while its backlog of one is full;
+:meth:`QmpClient.connect` waits for its turn within the same timeout.
+
+Only the standard library is used; no subprocess and no shell are involved.
 
 The client is not thread-safe: use one instance per thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -41,7 +45,7 @@ from ganeti_kvm.qmp_wire import (
     request_ids,
 )
 
-__all__ = ["QmpClient", "qmp_execute", "DEFAULT_TIMEOUT"]
+__all__ = ["QmpClient", "qmp_execute", "open_monitor_socket", "DEFAULT_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 _RECV_SIZE = 65536
+#: Seconds between connects to a monitor whose backlog is full: the first
+#: pause, doubled on each try up to the last.
+CONNECT_RETRY_FIRST = 0.001
+CONNECT_RETRY_MAX = 0.01
 
 
 class QmpClient:
@@ -96,29 +104,17 @@ class QmpClient:
         (the whole greeting stays available as :attr:`greeting`).  Calling it
         on an open connection returns the same information again.
 
-        Raises :class:`MonitorError` if the socket is missing or refuses the
-        connection, and :class:`MonitorTimeout` if the greeting or the
+        A monitor whose backlog is full (another client talks to it) is
+        tried again until the timeout.  Raises :class:`MonitorError` if the
+        socket is missing or refuses the connection, and
+        :class:`MonitorTimeout` if the connect, the greeting or the
         negotiation does not complete within the timeout.
         """
         if self._sock is not None and self.greeting is not None:
             return dict(self.greeting["QMP"].get("version", {}))
         self._limit = self.timeout
         deadline = time.monotonic() + self.timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.path)
-            except TimeoutError:
-                raise MonitorTimeout(
-                    f"Connecting to QMP socket {self.path} timed out after "
-                    f"{self.timeout:g}s; QEMU is stopped or hung, check its process") from None
-            except OSError as err:
-                raise connect_error(self.path, err) from None
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        self._sock = open_monitor_socket(self.path, self.timeout)
         self._buffer.clear()
         self._eof = False
         try:
@@ -159,10 +155,8 @@ class QmpClient:
         self.greeting = None
         self._buffer.clear()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # close on a unix socket does not fail
                 sock.close()
-            except OSError:  # pragma: no cover - close on a unix socket does not fail
-                pass
 
     def __enter__(self) -> QmpClient:
         """Return the client; the connection opens on first use."""
@@ -375,6 +369,55 @@ class QmpClient:
             f"Timed out after {self._limit:g}s {what} on QMP socket {self.path}; "
             "QEMU is stopped, hung or busy, or another client holds the monitor: "
             "check the QEMU process")
+
+
+def open_monitor_socket(path: str, timeout: float, kind: str = "QMP socket") -> socket.socket:
+    """Connect to the monitor socket ``path``, waiting while its backlog is full.
+
+    A QEMU monitor (QMP or human, a ``kind``) accepts one client at a time
+    and listens with a backlog of one: while another client (a listing,
+    the console wrapper) talks to it, a connect fails at once with EAGAIN.
+    That is not an error, only a queue: try again, from
+    :data:`CONNECT_RETRY_FIRST` seconds apart up to :data:`CONNECT_RETRY_MAX`,
+    for at most ``timeout`` seconds.  The cap stays small so that a caller
+    retrying next to busy clients still gets its turn.  Returns a connected,
+    non-blocking socket; raises :class:`MonitorTimeout` when the backlog
+    stays full, :class:`MonitorError` when the connect fails otherwise.
+    """
+    deadline = time.monotonic() + timeout
+    delay = CONNECT_RETRY_FIRST
+    tries = 0
+    while True:
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:
+            raise MonitorError(f"Cannot open a socket for {kind} {path}: {err}; "
+                               "check the process's open-file limit") from None
+        try:
+            sock.setblocking(False)
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            tries += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MonitorTimeout(
+                    f"Could not connect to {kind} {path} within {timeout:g}s: its "
+                    f"backlog stayed full ({tries} tries); other clients keep the monitor "
+                    "busy, or QEMU is stopped or hung: check the QEMU process") from None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
+            continue
+        except OSError as err:
+            sock.close()
+            raise connect_error(path, err, kind) from None
+        except BaseException:
+            sock.close()
+            raise
+        if tries:
+            logger.debug("Connected to %s %s after %d tries with a full backlog",
+                         kind, path, tries)
+        return sock
 
 
 def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None,

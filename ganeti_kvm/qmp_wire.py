@@ -66,18 +66,18 @@ def encode_request(command: str, arguments: dict[str, Any] | None = None,
     return json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def connect_error(path: str, err: OSError) -> MonitorError:
-    """The error for a failed connect to QMP socket ``path``, with what to do about it."""
+def connect_error(path: str, err: OSError, kind: str = "QMP socket") -> MonitorError:
+    """The error for a failed connect to monitor ``path`` (a ``kind``), with what to do."""
     if isinstance(err, FileNotFoundError):
         return MonitorError(
-            f"QMP socket {path} does not exist; the instance is not running "
+            f"{kind} {path} does not exist; the instance is not running "
             "(start it, or check the runtime directory)")
     if isinstance(err, ConnectionRefusedError):
         return MonitorError(
-            f"Nothing listens on QMP socket {path} (connection refused); "
+            f"Nothing listens on {kind} {path} (connection refused); "
             "QEMU has exited, start the instance again")
     return MonitorError(
-        f"Cannot connect to QMP socket {path}: {err.strerror or err}; "
+        f"Cannot connect to {kind} {path}: {err.strerror or err}; "
         "check the path (at most 107 bytes) and its permissions")
 
 

@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_kvm import errors, fsutil
+from ganeti_kvm import devices, errors, fsutil, legacy, qemu_caps
 
 RECORD_KIND = "ganeti-kvm-runtime"
 RECORD_VERSION = 1
+UPGRADED_KEY = "upgraded_from"
 
 
 @dataclass
@@ -26,7 +27,10 @@ class RuntimeRecord:
     ``argv`` is the QEMU command line without the parts that change per
     start (NIC file descriptors, ``-S``, ``-incoming``); ``nics`` are the NIC
     dicts with the tap name each got (``tap``); ``disks`` are
-    ``{"disk": dict, "path": str, "uri": str | None}`` entries.
+    ``{"disk": dict, "path": str, "uri": str | None}`` entries.  Each NIC
+    and disk entry keeps its device identity under ``"device"`` (see
+    :mod:`ganeti_kvm.devices`); an entry without one (a record written
+    before identities were kept) runs with the ones by position.
     """
 
     name: str
@@ -40,6 +44,14 @@ class RuntimeRecord:
     qemu_version: list[int] = field(default_factory=list)
     uuid: str | None = None
     network_port: int | None = None
+    # The versioned machine type pinned at the first start ("pc-i440fx-7.2").
+    # None in records written before it existed: the instance runs whatever
+    # its QEMU resolved "pc" to, which only that QEMU can tell (see
+    # KvmNode.running_machine); the next start from such a record pins one.
+    machine: str | None = None
+    # 0 while the QEMU that runs the instance was started by an earlier
+    # driver (the 2011 one, or Ganeti's bundled one); None once this library
+    # started it.  A reboot rebuilds the command line from the parameters.
     upgraded_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +70,10 @@ class RuntimeRecord:
             "qemu_version": list(self.qemu_version),
             "uuid": self.uuid,
             "network_port": self.network_port,
+            "machine": self.machine,
+            # Set while a QEMU an earlier driver started still runs this
+            # instance: a migration target must then start the same devices.
+            UPGRADED_KEY: self.upgraded_from,
         }
 
     def serialize(self) -> str:
@@ -84,11 +100,9 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
 
     if isinstance(data, list):
         # The 2011 driver's format: [kvm_cmd, [nic dicts], hvparams]
-        if len(data) != 3 or not isinstance(data[0], list) or not isinstance(data[1], list) \
-                or not isinstance(data[2], dict):
-            raise bad("a list, but not the old [argv, nics, hvparams] form")
-        return RuntimeRecord(name=name, argv=[str(a) for a in data[0]], nics=list(data[1]),
-                             hvparams=dict(data[2]), upgraded_from=0)
+        return _with_identities(RuntimeRecord(name=name, upgraded_from=0,
+                                              **legacy.fields_from_2011(data, name, source)),
+                                source)
     if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
         raise bad(f"its kind is not {RECORD_KIND!r}")
     version = data.get("version")
@@ -99,25 +113,52 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
     argv = data.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv:
         raise bad("argv is missing or not a list of strings")
+    machine = data.get("machine")  # absent from records of earlier versions: None
+    if machine is not None and not qemu_caps.is_machine_name(machine):
+        raise bad(f"machine {machine!r} is not a machine type name")
     try:
-        return RuntimeRecord(
+        return _with_identities(RuntimeRecord(
             name=name, argv=argv, nics=list(data.get("nics") or []),
             hvparams=dict(data.get("hvparams") or {}),
             beparams=dict(data.get("beparams") or {}),
             disks=list(data.get("disks") or []), tags=list(data.get("tags") or []),
             uid=data.get("uid"), qemu_version=list(data.get("qemu_version") or []),
-            uuid=data.get("uuid"), network_port=data.get("network_port"))
-    except (TypeError, ValueError) as err:
+            uuid=data.get("uuid"), network_port=data.get("network_port"), machine=machine,
+            upgraded_from=_upgraded_from(data.get(UPGRADED_KEY), bad)), source)
+    except (TypeError, ValueError, AttributeError) as err:
         raise bad(str(err)) from err
+
+
+def _with_identities(record: RuntimeRecord, source: str) -> RuntimeRecord:
+    """``record``, once every identity its NIC and disk entries keep is checked.
+
+    An entry without one comes from a record written before identities were
+    kept: its instance runs with the names by position, which the command
+    line gives such an entry (see :func:`ganeti_kvm.devices.positional_nic`).
+    """
+    for kind, entries in (("NIC", record.nics), ("disk", record.disks)):
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise errors.RuntimeStateError(
+                    f"Runtime record {source} of instance {record.name} is not valid: "
+                    f"{kind} {index} is not a mapping")
+            devices.identity_of(entry, f"{kind} {index} of instance {record.name} ({source})")
+    return record
+
+
+def _upgraded_from(value: Any, bad: Any) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise bad(f"{UPGRADED_KEY} {value!r} is not a record version")
 
 
 def load(path: str, name: str) -> RuntimeRecord | None:
     """Load the record at ``path``; None if there is none."""
     try:
         raw = fsutil.read_small_file(path, limit=16 << 20)
-    except OSError as err:
+    except errors.HypervisorError as err:
         raise errors.RuntimeStateError(
-            f"Cannot read runtime record {path} of instance {name}: {err}") from err
+            f"Cannot read the runtime record of instance {name}: {err}") from err
     if raw is None:
         return None
     return parse(raw, name, path)

@@ -42,6 +42,9 @@ def parse_uid_pool(text: str) -> list[tuple[int, int]]:
     start exceeds their end raise :class:`errors.HypervisorError` naming the
     text.
     """
+    if not isinstance(text, str):
+        raise errors.HypervisorError(
+            f"The uid pool must be text such as '1000-1010, 2000', not {type(text).__name__}")
     ranges: list[tuple[int, int]] = []
     for item in text.replace("\n", ",").split(","):
         item = item.strip()

@@ -31,7 +31,11 @@ def _is_vnc_address(value: Any) -> bool:
 
 
 def _is_cmdline_text(value: Any) -> bool:
-    return isinstance(value, str) and not any(ch in value for ch in "\n\r\0")
+    return (isinstance(value, str) and not any(ch in value for ch in "\n\r\0")
+            and hv_base._fits(value, hv_base.MAX_TEXT_BYTES))
+
+
+_CMDLINE_TEXT_MSG = f"must be text of at most {hv_base.MAX_TEXT_BYTES} bytes without newlines"
 
 
 def _is_user_name(value: Any) -> bool:
@@ -39,12 +43,23 @@ def _is_user_name(value: Any) -> bool:
             and all(ch.isalnum() or ch in "._-" for ch in value))
 
 
+def _is_keymap(value: Any) -> bool:
+    """A keyboard layout name as QEMU's -k takes it (en-us, de-ch, pt-br, ...)."""
+    return (isinstance(value, str) and 0 < len(value) <= 32 and value[0].isalpha()
+            and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in value))
+
+
+def _refuse(value: Any) -> bool:
+    """The check of a key this library accepts only empty (a feature it lacks)."""
+    return False
+
+
 PARAMETERS: dict[str, hv_base.Check] = {
     c.HV_KVM_PATH: hv_base.REQ_FILE_CHECK,
     c.HV_KERNEL_PATH: hv_base.OPT_FILE_CHECK,
     c.HV_INITRD_PATH: hv_base.OPT_FILE_CHECK,
-    c.HV_ROOT_PATH: (False, _is_cmdline_text, "must be text without newlines", None, None),
-    c.HV_KERNEL_ARGS: (False, _is_cmdline_text, "must be text without newlines", None, None),
+    c.HV_ROOT_PATH: (False, _is_cmdline_text, _CMDLINE_TEXT_MSG, None, None),
+    c.HV_KERNEL_ARGS: (False, _is_cmdline_text, _CMDLINE_TEXT_MSG, None, None),
     c.HV_ACPI: hv_base.NO_CHECK,
     c.HV_SERIAL_CONSOLE: hv_base.NO_CHECK,
     c.HV_SERIAL_SPEED: hv_base.ParamInSet(True, c.VALID_SERIAL_SPEEDS),
@@ -55,6 +70,13 @@ PARAMETERS: dict[str, hv_base.Check] = {
     c.HV_VNC_X509: hv_base.OPT_DIR_CHECK,
     c.HV_VNC_X509_VERIFY: hv_base.NO_CHECK,
     c.HV_VNC_PASSWORD_FILE: hv_base.OPT_FILE_CHECK,
+    # SPICE is not implemented: the key is accepted (the cluster manager
+    # fills it in) but only empty; the IP version only goes with it.
+    c.HV_KVM_SPICE_BIND: (False, _refuse,
+                          'SPICE is not supported by ganeti-kvm; set spice_bind to "" and use '
+                          "vnc_bind_address for a graphical console", None, None),
+    c.HV_KVM_SPICE_IP_VERSION: (False, lambda v: v in c.VALID_IP_VERSIONS,
+                                "must be 4 or 6 (or 0: any)", None, None),
     c.HV_KVM_FLOPPY_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
     c.HV_CDROM_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
     c.HV_KVM_CDROM2_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
@@ -63,6 +85,8 @@ PARAMETERS: dict[str, hv_base.Check] = {
     c.HV_DISK_TYPE: hv_base.ParamInSet(True, c.HT_KVM_VALID_DISK_TYPES),
     c.HV_KVM_CDROM_DISK_TYPE: hv_base.ParamInSet(False, c.HT_KVM_VALID_DISK_TYPES),
     c.HV_USB_MOUSE: hv_base.ParamInSet(False, c.HT_KVM_VALID_MOUSE_TYPES),
+    c.HV_KEYMAP: (False, _is_keymap, "must be a keyboard layout name such as en-us or de-ch "
+                  "(letters, digits, - and _)", None, None),
     c.HV_MIGRATION_PORT: hv_base.NET_PORT_CHECK,
     c.HV_MIGRATION_BANDWIDTH: hv_base.PositiveInt(True),
     c.HV_MIGRATION_DOWNTIME: hv_base.PositiveInt(True),
@@ -75,6 +99,7 @@ PARAMETERS: dict[str, hv_base.Check] = {
     c.HV_VHOST_NET: hv_base.NO_CHECK,
     c.HV_KVM_USE_CHROOT: hv_base.NO_CHECK,
     c.HV_MEM_PATH: hv_base.OPT_DIR_CHECK,
+    c.HV_REBOOT_BEHAVIOR: hv_base.ParamInSet(True, c.REBOOT_BEHAVIORS),
 }
 
 # Disk types QEMU has no meaning for as data disks on a PC machine.
@@ -92,6 +117,9 @@ X509_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 
 def fill(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
     """The cluster defaults overlaid with ``hvparams`` (unknown keys are kept, to be refused)."""
+    if hvparams is not None and not isinstance(hvparams, Mapping):
+        raise errors.ParameterError(
+            f"hypervisor parameters must be a mapping, not {type(hvparams).__name__}")
     filled = dict(c.HVC_DEFAULTS[c.HT_KVM])
     filled.update(hvparams or {})
     return filled
@@ -109,38 +137,88 @@ def check_all_node(hvparams: Mapping[str, Any], caps: Any) -> None:
     check_node(hvparams, caps)
 
 
+def _others(allowed: frozenset[str], but: str) -> str:
+    """The values of ``allowed`` other than ``but``, sorted: "a, b or c"."""
+    rest = sorted(allowed - {but})
+    return ", ".join(rest[:-1]) + " or " + rest[-1] if len(rest) > 1 else "".join(rest)
+
+
 def check_syntax(hvparams: Mapping[str, Any]) -> None:
-    """The checks between keys (the 2011 driver's, plus what modern QEMU needs)."""
-    def fail(message: str) -> None:
-        raise errors.ParameterError(message)
+    """The checks between keys (the 2011 driver's, plus what modern QEMU needs).
+
+    Each message keeps the 2011 driver's words where it had some, then names
+    the keys involved, their values, and the values that would be accepted.
+    """
+    def fail(key: str, message: str) -> None:
+        raise errors.ParameterError(message, key, hvparams[key])
 
     if hvparams[c.HV_KERNEL_PATH] and not hvparams[c.HV_ROOT_PATH]:
-        fail("Need a root partition for the instance, if a kernel is defined "
-             f"(set {c.HV_ROOT_PATH})")
+        fail(c.HV_ROOT_PATH,
+             "Need a root partition for the instance, if a kernel is defined: "
+             f"{c.HV_KERNEL_PATH} is {hvparams[c.HV_KERNEL_PATH]!r} but {c.HV_ROOT_PATH} "
+             f"is empty; set {c.HV_ROOT_PATH} to the guest's root device (e.g. /dev/vda1), "
+             f"or set {c.HV_KERNEL_PATH} to \"\" to boot from the disk")
     if hvparams[c.HV_INITRD_PATH] and not hvparams[c.HV_KERNEL_PATH]:
-        fail(f"{c.HV_INITRD_PATH} needs {c.HV_KERNEL_PATH}")
+        fail(c.HV_INITRD_PATH,
+             f"{c.HV_INITRD_PATH} is {hvparams[c.HV_INITRD_PATH]!r} but {c.HV_KERNEL_PATH} "
+             f"is empty; an initrd is loaded only with a kernel: set {c.HV_KERNEL_PATH} "
+             f"to a kernel file, or set {c.HV_INITRD_PATH} to \"\"")
     if hvparams[c.HV_VNC_X509_VERIFY] and not hvparams[c.HV_VNC_X509]:
-        fail(f"{c.HV_VNC_X509} must be defined, if {c.HV_VNC_X509_VERIFY} is")
+        fail(c.HV_VNC_X509,
+             f"{c.HV_VNC_X509} must be defined, if {c.HV_VNC_X509_VERIFY} is: "
+             f"{c.HV_VNC_X509_VERIFY} is true but {c.HV_VNC_X509} is empty; set "
+             f"{c.HV_VNC_X509} to the directory holding the certificates, or set "
+             f"{c.HV_VNC_X509_VERIFY} to false")
     if hvparams[c.HV_VNC_X509] and not hvparams[c.HV_VNC_TLS]:
-        fail(f"{c.HV_VNC_X509} is only used with {c.HV_VNC_TLS}; enable it or clear the path")
-    vnc_needed = (c.HV_VNC_TLS, c.HV_VNC_PASSWORD_FILE)
-    for key in vnc_needed:
+        fail(c.HV_VNC_X509,
+             f"{c.HV_VNC_X509} is {hvparams[c.HV_VNC_X509]!r} but {c.HV_VNC_TLS} is false; "
+             f"the certificates are used only with TLS: set {c.HV_VNC_TLS} to true, or "
+             f"set {c.HV_VNC_X509} to \"\"")
+    for key, off in ((c.HV_VNC_TLS, "false"), (c.HV_VNC_PASSWORD_FILE, '""')):
         if hvparams[key] and not hvparams[c.HV_VNC_BIND_ADDRESS]:
-            fail(f"{key} needs {c.HV_VNC_BIND_ADDRESS}")
+            shown = "true" if hvparams[key] is True else repr(hvparams[key])
+            fail(key,
+                 f"{key} is {shown} but {c.HV_VNC_BIND_ADDRESS} is empty, so "
+                 f"there is no VNC server: set {c.HV_VNC_BIND_ADDRESS} to an IPv4 address "
+                 f"or an absolute socket path, or set {key} to {off}")
     boot_order = hvparams[c.HV_BOOT_ORDER]
     if boot_order == c.HT_BO_CDROM and not hvparams[c.HV_CDROM_IMAGE_PATH]:
-        fail("Cannot boot from cdrom without an ISO path")
+        fail(c.HV_BOOT_ORDER,
+             f"Cannot boot from cdrom without an ISO path: {c.HV_BOOT_ORDER} is "
+             f"{boot_order!r} but {c.HV_CDROM_IMAGE_PATH} is empty; set "
+             f"{c.HV_CDROM_IMAGE_PATH} to an ISO image file, or {c.HV_BOOT_ORDER} to "
+             f"{_others(c.HT_KVM_VALID_BO_TYPES, boot_order)}")
     if boot_order == c.HT_BO_FLOPPY and not hvparams[c.HV_KVM_FLOPPY_IMAGE_PATH]:
-        fail("Cannot boot from floppy without a floppy image path")
+        fail(c.HV_BOOT_ORDER,
+             f"Cannot boot from floppy without a floppy image path: {c.HV_BOOT_ORDER} is "
+             f"{boot_order!r} but {c.HV_KVM_FLOPPY_IMAGE_PATH} is empty; set "
+             f"{c.HV_KVM_FLOPPY_IMAGE_PATH} to a floppy image file, or {c.HV_BOOT_ORDER} "
+             f"to {_others(c.HT_KVM_VALID_BO_TYPES, boot_order)}")
     if hvparams[c.HV_KVM_CDROM2_IMAGE_PATH] and not hvparams[c.HV_CDROM_IMAGE_PATH]:
-        fail(f"{c.HV_KVM_CDROM2_IMAGE_PATH} needs {c.HV_CDROM_IMAGE_PATH}")
+        fail(c.HV_KVM_CDROM2_IMAGE_PATH,
+             f"{c.HV_KVM_CDROM2_IMAGE_PATH} is {hvparams[c.HV_KVM_CDROM2_IMAGE_PATH]!r} but "
+             f"{c.HV_CDROM_IMAGE_PATH} is empty; the second CD-ROM needs the first: set "
+             f"{c.HV_CDROM_IMAGE_PATH} to an ISO image file (or move this image there), or "
+             f"set {c.HV_KVM_CDROM2_IMAGE_PATH} to \"\"")
     model = hvparams[c.HV_SECURITY_MODEL]
     if model == c.HT_SM_USER and not hvparams[c.HV_SECURITY_DOMAIN]:
-        fail("A security domain (user to run kvm as) must be specified")
+        fail(c.HV_SECURITY_DOMAIN,
+             "A security domain (user to run kvm as) must be specified: "
+             f"{c.HV_SECURITY_MODEL} is {model!r} but {c.HV_SECURITY_DOMAIN} is empty; set "
+             f"{c.HV_SECURITY_DOMAIN} to the user QEMU runs as, or {c.HV_SECURITY_MODEL} to "
+             f"{_others(c.HT_KVM_VALID_SM_TYPES, model)}")
     if model in (c.HT_SM_NONE, c.HT_SM_POOL) and hvparams[c.HV_SECURITY_DOMAIN]:
-        fail("Cannot have a security domain when the security model is 'none' or 'pool'")
-    if hvparams[c.HV_VHOST_NET] and hvparams[c.HV_NIC_TYPE] != c.HT_NIC_PARAVIRTUAL:
-        fail(f"{c.HV_VHOST_NET} needs {c.HV_NIC_TYPE} {c.HT_NIC_PARAVIRTUAL}")
+        fail(c.HV_SECURITY_DOMAIN,
+             "Cannot have a security domain when the security model is 'none' or 'pool': "
+             f"{c.HV_SECURITY_MODEL} is {model!r} but {c.HV_SECURITY_DOMAIN} is "
+             f"{hvparams[c.HV_SECURITY_DOMAIN]!r}; set {c.HV_SECURITY_DOMAIN} to \"\", or "
+             f"{c.HV_SECURITY_MODEL} to {c.HT_SM_USER!r} to run QEMU as that user")
+    nic_type = hvparams[c.HV_NIC_TYPE]
+    if hvparams[c.HV_VHOST_NET] and nic_type != c.HT_NIC_PARAVIRTUAL:
+        fail(c.HV_VHOST_NET,
+             f"{c.HV_VHOST_NET} is true but {c.HV_NIC_TYPE} is {nic_type!r}; vhost "
+             f"accelerates only virtio NICs: set {c.HV_NIC_TYPE} to "
+             f"{c.HT_NIC_PARAVIRTUAL!r}, or {c.HV_VHOST_NET} to false")
 
 
 def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev/vhost-net",
@@ -155,32 +233,48 @@ def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev
              f"use {c.HT_DISK_PARAVIRTUAL}, {c.HT_DISK_IDE}, {c.HT_DISK_SCSI} or {c.HT_DISK_SD}")
     cd_type = hvparams[c.HV_KVM_CDROM_DISK_TYPE]
     if hvparams[c.HV_CDROM_IMAGE_PATH] and cd_type in _UNSUPPORTED_CDROM_TYPES:
-        fail(f"cdrom_disk_type {cd_type} cannot be used: {_UNSUPPORTED_CDROM_TYPES[cd_type]}")
+        usable = sorted(c.HT_KVM_VALID_DISK_TYPES - set(_UNSUPPORTED_CDROM_TYPES))
+        fail(f"{c.HV_KVM_CDROM_DISK_TYPE} {cd_type} cannot be used with "
+             f"{c.HV_CDROM_IMAGE_PATH}: {_UNSUPPORTED_CDROM_TYPES[cd_type]}; set "
+             f"{c.HV_KVM_CDROM_DISK_TYPE} to {', '.join(usable)} or \"\" (ide)")
     if hvparams[c.HV_SECURITY_MODEL] == c.HT_SM_USER:
         user = hvparams[c.HV_SECURITY_DOMAIN]
         try:
             pwd.getpwnam(user)
         except KeyError:
-            fail(f"Unknown security domain user {user}; create the user or pick another")
+            fail(f"Unknown security domain user {user}: {c.HV_SECURITY_MODEL} is "
+                 f"{c.HT_SM_USER!r} but {c.HV_SECURITY_DOMAIN} {user!r} is no user on this "
+                 f"node; create the user, or set {c.HV_SECURITY_DOMAIN} to an existing one")
         if not (caps.has_runas or caps.has_run_with_user):
-            fail(f"QEMU {caps.path} cannot drop privileges (no -runas or -run-with user=)")
+            fail(f"QEMU {caps.path} cannot drop privileges (no -runas or -run-with user=), "
+                 f"which {c.HV_SECURITY_MODEL} {c.HT_SM_USER!r} needs; set {c.HV_KVM_PATH} "
+                 f"to a QEMU that can, or {c.HV_SECURITY_MODEL} to {c.HT_SM_NONE} or "
+                 f"{c.HT_SM_POOL}")
     if hvparams[c.HV_KVM_USE_CHROOT] and not (caps.has_chroot or caps.has_run_with_chroot):
-        fail(f"QEMU {caps.path} cannot chroot (no -chroot or -run-with chroot=)")
+        fail(f"QEMU {caps.path} cannot chroot (no -chroot or -run-with chroot=), which "
+             f"{c.HV_KVM_USE_CHROOT} true needs; set {c.HV_KVM_PATH} to a QEMU that can, "
+             f"or {c.HV_KVM_USE_CHROOT} to false")
     if hvparams[c.HV_VHOST_NET] and not os.path.exists(vhost_device):
         fail(f"{c.HV_VHOST_NET} is on but {vhost_device} does not exist on this node; "
              "load the vhost_net kernel module or turn vhost_net off")
     if hvparams[c.HV_KVM_FLAG] == c.HT_KVM_ENABLED:
         if not os.access(kvm_device, os.R_OK | os.W_OK):
-            fail(f"{c.HV_KVM_FLAG} is enabled but {kvm_device} is not usable on this node")
+            fail(f"{c.HV_KVM_FLAG} is enabled but {kvm_device} is not usable on this node; "
+                 f"load the kvm module, or set {c.HV_KVM_FLAG} to {c.HT_KVM_DISABLED} "
+                 "or \"\" (KVM when available)")
         if not caps.has_accel("kvm"):
-            fail(f"QEMU {caps.path} has no KVM accelerator")
+            fail(f"QEMU {caps.path} has no KVM accelerator, which {c.HV_KVM_FLAG} "
+                 f"{c.HT_KVM_ENABLED} needs; set {c.HV_KVM_PATH} to a QEMU with KVM, or "
+                 f"{c.HV_KVM_FLAG} to {c.HT_KVM_DISABLED} or \"\"")
     if hvparams[c.HV_VNC_TLS] and hvparams[c.HV_VNC_X509]:
         directory = hvparams[c.HV_VNC_X509]
         missing = [f for f in X509_FILES if not os.path.isfile(os.path.join(directory, f))]
         if hvparams[c.HV_VNC_X509_VERIFY] is False and "ca-cert.pem" in missing:
             missing.remove("ca-cert.pem")
         if missing:
-            fail(f"{c.HV_VNC_X509} {directory} lacks {', '.join(missing)}")
+            fail(f"{c.HV_VNC_X509} {directory} lacks {', '.join(missing)}, which "
+                 f"{c.HV_VNC_TLS} true needs; put them there, or set {c.HV_VNC_X509} to "
+                 "another directory (or \"\" for TLS without certificates)")
     password_file = hvparams[c.HV_VNC_PASSWORD_FILE]
     if password_file:
         read_vnc_password(password_file)

@@ -4,6 +4,10 @@
 #   - the package itself, editable, with its test extras;
 #   - QEMU 10.0 from bookworm-backports, unpacked into the cache next to the
 #     system's QEMU 7.2 (never installed over it);
+#   - Ganeti 3.0 and 3.1's Python code, unpacked into the cache for the Ganeti
+#     3.x contract tests (tests/ganeti_trees.py);
+#   - Ganeti 3.0, its noop OS and sshd for the two-node cluster tests
+#     (tests/cluster.py), installed without starting any service;
 #   - the tiny test guest (tests/guestimage.py).
 # Idempotent, and quick when everything is already in place.
 # The cache is $GANETI_KVM_CACHE (default /var/cache/ganeti-kvm).
@@ -64,6 +68,49 @@ if [ -n "$missing" ]; then
     # $missing is a list of words on purpose.
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
+fi
+
+# --- Ganeti 3.0 for the cluster tests ----------------------------------------
+
+# tests/cluster.py builds a two-node Ganeti cluster out of these packages, with
+# every daemon and one sshd per node inside namespaces of its own.  Installing
+# them must start nothing on the machine itself, yet their maintainer scripts
+# would: openssh-server's starts sshd, lvm2's and dmeventd's (dependencies)
+# start their units, ganeti's runs "invoke-rc.d ganeti start" (which does
+# nothing until a cluster exists in the machine's own /var/lib/ganeti, and the
+# tests never make one there).  All of them go through invoke-rc.d or
+# deb-systemd-invoke, which obey /usr/sbin/policy-rc.d: unless the machine has
+# its own, one that refuses every action (exit 101) is in place during the
+# install.  openssh-server also enables sshd at boot; when it is installed here,
+# /etc/ssh/sshd_not_to_be_run (Debian's switch, obeyed by its init script and
+# systemd unit) keeps the machine's sshd off.  The nodes get their own /etc/ssh.
+GANETI_PACKAGES="ganeti ganeti-os-noop openssh-server"
+missing=
+for package in $GANETI_PACKAGES; do
+    is_installed "$package" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    apt-cache show ganeti >/dev/null 2>&1 || apt-get update -q
+    had_sshd=false
+    is_installed openssh-server && had_sshd=true
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# ganeti-kvm scripts/setup.sh: no service starts during its install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        own_policy=true
+        trap 'rm -f "$policy"' EXIT
+    fi
+    log "installing$missing (starting no service)"
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+    if [ "$own_policy" = true ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    if [ "$had_sshd" = false ]; then
+        touch /etc/ssh/sshd_not_to_be_run
+    fi
 fi
 
 # --- the Python package ----------------------------------------------------
@@ -190,7 +237,48 @@ if ! "$QEMU10" -machine none -device help >/dev/null; then
 fi
 log "$("$QEMU10" --version | head -n 1) at $QEMU10"
 
+# --- Ganeti 3.0 and 3.1 trees, for the Ganeti 3.x contract tests ------------
+
+# Ganeti's Python code, unpacked (never installed) into
+# $CACHE/ganeti-3.0 (bookworm) and $CACHE/ganeti-3.1 (bookworm-backports);
+# tests/test_ganeti3_ganeti.py imports it under Debian's python3, which needs
+# the two libraries Ganeti's hypervisor modules import: OpenSSL and bitarray.
+GANETI_TREE_PACKAGES="python3-openssl python3-bitarray"
+missing=
+for package in $GANETI_TREE_PACKAGES; do
+    is_installed "$package" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    log "installing$missing"
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+ganeti_mirror=$(debian_mirror "$(. /etc/os-release && echo "$VERSION_CODENAME")" | head -n 1)
+if [ -z "$ganeti_mirror" ]; then
+    echo "setup: no apt source for the Ganeti trees found in /etc/apt" >&2
+    exit 1
+fi
+(cd "$REPO" && GANETI_KVM_CACHE=$CACHE python3 -m tests.ganeti_trees --mirror "$ganeti_mirror")
+
 # --- the test guest ---------------------------------------------------------
 
 log "test guest"
 (cd "$REPO" && GANETI_KVM_CACHE=$CACHE python3 -m tests.guestimage)
+
+# --- the Debian package's build tools ---------------------------------------
+
+# make deb and tests/test_deb.py build ganeti-kvm_VERSION_all.deb with
+# debhelper and dh-python (pybuild), check it with lintian, and read its
+# changelog with dpkg-dev's dpkg-parsechangelog.
+DEB_PACKAGES="debhelper dh-python python3-all python3-setuptools dpkg-dev lintian"
+missing=
+for package in $DEB_PACKAGES; do
+    is_installed "$package" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    apt-cache show debhelper >/dev/null 2>&1 || apt-get update -q
+    log "installing$missing"
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi

@@ -16,6 +16,7 @@ import pytest
 
 from ganeti_kvm import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
+from tests.cluster import ganeti_cluster  # noqa: F401  (the session's Ganeti cluster)
 from tests.fakeqmp import FakeQmp, Peer
 from tests.helpers import kill_instances
 

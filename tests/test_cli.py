@@ -393,14 +393,26 @@ def test_stop_by_power_button_and_by_force_after_timeout(run_dirs, short_dir, qe
         serial.close()
     assert node.list_names() == []
 
-    # A paused guest cannot act on the button: the timeout ends it by signal.
-    result = _command("--run-dir", run, "start", "--paused", spec)
+    # A guest paused after it ran cannot act on the button: the timeout ends it by signal.
+    result = _command("--run-dir", run, "start", spec)
     assert result.returncode == 0, result.stderr
     pid = node.running_pid("cli4")
+    node.qmp("cli4", "stop")
     result = _command("--run-dir", run, "stop", "cli4", "--timeout", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Instance cli4 stopped\n"
     assert "cli4 did not power off within 1.0 s; terminating it" in result.stderr
+    assert pid is not None and not process.is_alive(pid)
+    assert node.list_names() == []
+
+    # A guest that never ran (started paused) has no OS to hear it: ended at once.
+    result = _command("--run-dir", run, "start", "--paused", spec)
+    assert result.returncode == 0, result.stderr
+    pid = node.running_pid("cli4")
+    result = _command("--run-dir", run, "stop", "cli4", "--timeout", "600")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Instance cli4 stopped\n"
+    assert "did not power off" not in result.stderr
     assert pid is not None and not process.is_alive(pid)
     assert node.list_names() == []
 

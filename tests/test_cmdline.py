@@ -50,7 +50,7 @@ def test_golden_kernel_boot_with_serial_console() -> None:
         Caps72(), PATHS)
     assert argv == [
         "/usr/bin/kvm", "-name", "web1", "-no-user-config", "-nodefaults", "-daemonize",
-        "-pidfile", "/run/gk/pid/web1",
+        "-pidfile", "/run/gk/pid/web1", "-D", "/run/gk/ctrl/web1.log",
         "-machine", "pc,accel=tcg",
         "-m", "256", "-smp", "2",
         "-chardev", "socket,id=qmp,path=/run/gk/ctrl/web1.qmp,server=on,wait=off",
@@ -157,7 +157,7 @@ def test_too_many_ide_devices() -> None:
 
 def test_vnc_on_a_directory_and_without_port() -> None:
     argv = cmdline.build_argv(SPEC, [], hvp(vnc_bind_address="/var/run/vnc"), Caps72(), PATHS)
-    assert option_values(argv, "-vnc") == ["unix:/var/run/vnc/web1.vnc"]
+    assert option_values(argv, "-vnc") == ["vnc=unix:/var/run/vnc/web1.vnc"]
     with pytest.raises(errors.HypervisorError, match="network_port"):
         cmdline.build_argv(cmdline.MachineSpec(name="web1", memory=128, vcpus=1), [],
                            hvp(vnc_bind_address="127.0.0.1"), Caps72(), PATHS)

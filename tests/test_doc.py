@@ -10,7 +10,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def test_readme_parameter_table_is_current() -> None:
-    text = open(README, encoding="utf-8").read()
+    with open(README, encoding="utf-8") as handle:
+        text = handle.read()
     start, end = text.index(doc.BEGIN), text.index(doc.END) + len(doc.END)
     assert text[start:end] == doc.parameter_table(), \
         "regenerate the table with: python3 -m ganeti_kvm.doc"

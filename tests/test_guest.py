@@ -68,7 +68,7 @@ class Serial:
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not data:
                 pytest.fail(f"serial closed; last lines: {self.lines[-20:]!r}")

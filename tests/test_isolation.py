@@ -182,7 +182,7 @@ def test_simultaneous_pool_starts_never_share_a_uid(pool_hv, qemu_bin, uids) -> 
         thread.start()
     for thread in threads:
         thread.join(180)
-    assert outcomes == {name: "started" for name in names}
+    assert outcomes == dict.fromkeys(names, "started")
     record_uids = {name: hv.node.load_record(name).uid for name in names}
     assert set(record_uids.values()) == set(uids)
     for name in names:

@@ -92,6 +92,19 @@ def test_acpi_stop_without_timeout_returns_at_once(hv, qemu_bin, guest, disk) ->
     assert not os.path.exists(hv.node.paths("acpi2").runtime_file)
 
 
+@pytest.mark.parametrize("timeout", [None, 600])
+def test_acpi_stop_of_a_guest_that_never_ran_ends_qemu_at_once(hv, qemu_bin, guest,
+                                                               timeout) -> None:
+    """No guest OS hears the button in prelaunch: QEMU is ended, not waited for."""
+    inst = make_instance("neverran", guest_hvparams(qemu_bin, guest))
+    hv.StartInstance(inst, [], startup_paused=True)
+    pid = hv.GetInstanceInfo("neverran")[1]
+    hv.StopInstance(inst, timeout=timeout)  # a wait of 600 s would fail the suite's budget
+    assert not process.is_alive(pid)
+    assert hv.ListInstances() == []
+    assert not os.path.exists(hv.node.paths("neverran").runtime_file)
+
+
 def test_stop_by_name_needs_force(hv, qemu_bin, guest) -> None:
     inst = make_instance("byname", guest_hvparams(qemu_bin, guest))
     hv.StartInstance(inst, [], startup_paused=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -57,10 +58,8 @@ def fds() -> Iterator[FdCloser]:
         yield closer
     finally:
         for fd in closer.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _tun_flags(ns: str, name: str) -> int:

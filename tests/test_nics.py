@@ -37,6 +37,12 @@ def hv(short_dir: str, ns: str) -> Iterator[KVMHypervisor]:
         kill_instances(hypervisor.node.layout.root)
 
 
+def read_env(path: str) -> dict[str, str]:
+    """The environment a test hook dumped as NUL-separated KEY=VALUE entries."""
+    with open(path, encoding="utf-8") as handle:
+        return dict(kv.split("=", 1) for kv in handle.read().split("\0") if kv)
+
+
 def nic(mac: str, mode: str = "bridged", link: str = "br0",
         ip: str | None = None) -> objects.NIC:
     return objects.NIC(mac=mac, ip=ip, nicparams={"mode": mode, "link": link})
@@ -124,8 +130,7 @@ def test_hook_environment_is_exact_and_data_stays_data(short_dir, ns, qemu_bin, 
             nic("52:54:00:12:34:06", mode="routed", link="100")])
         hv.StartInstance(inst, [], startup_paused=True)
         tap0, tap1 = taps(hv, "net4")
-        env0 = dict(kv.split("=", 1) for kv in open(dump + ".0").read().split("\0") if kv)
-        env1 = dict(kv.split("=", 1) for kv in open(dump + ".1").read().split("\0") if kv)
+        env0, env1 = (read_env(dump + suffix) for suffix in (".0", ".1"))
     finally:
         kill_instances(hv.node.layout.root)
     for env in (env0, env1):

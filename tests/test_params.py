@@ -51,6 +51,11 @@ SYNTAX_CASES = [
     (c.HV_SECURITY_MODEL, c.HT_SM_POOL, "selinux"),
     (c.HV_KVM_FLAG, c.HT_KVM_DISABLED, "maybe"),
     (c.HV_MEM_PATH, "", "hugepages"),
+    (c.HV_KEYMAP, "de-ch", "de ch"),
+    (c.HV_KEYMAP, "en-us", "/usr/share/keymaps/de"),
+    (c.HV_REBOOT_BEHAVIOR, c.INSTANCE_REBOOT_EXIT, "halt"),
+    (c.HV_KVM_SPICE_BIND, "", "127.0.0.1"),
+    (c.HV_KVM_SPICE_IP_VERSION, 6, 5),
 ]
 
 BOOL_KEYS = [c.HV_ACPI, c.HV_SERIAL_CONSOLE, c.HV_VNC_TLS, c.HV_VNC_X509_VERIFY,
@@ -110,11 +115,58 @@ def test_unknown_and_missing_keys() -> None:
      "Cannot have a security domain"),
     ({c.HV_VNC_TLS: True}, "vnc_bind_address"),
     ({c.HV_VHOST_NET: True, c.HV_NIC_TYPE: c.HT_NIC_E1000}, "paravirtual"),
-    ({c.HV_INITRD_PATH: GOOD_FILE}, "needs kernel_path"),
+    ({c.HV_INITRD_PATH: GOOD_FILE}, "but kernel_path is empty"),
 ])
 def test_cross_checks(overrides: dict, message: str) -> None:
     with pytest.raises(errors.HypervisorError, match=message):
         KVMHypervisor.CheckParameterSyntax(params(**overrides))
+
+
+# (overrides, the key the error is about, words every message must carry:
+# each key to change and at least one value that would be accepted)
+CROSS_CHECK_GUIDANCE = [
+    ({c.HV_KERNEL_PATH: GOOD_FILE, c.HV_ROOT_PATH: ""}, c.HV_ROOT_PATH,
+     ["kernel_path", "root_path", "/dev/vda1", 'kernel_path to ""']),
+    ({c.HV_INITRD_PATH: GOOD_FILE}, c.HV_INITRD_PATH,
+     ["initrd_path", "kernel_path", 'initrd_path to ""']),
+    ({c.HV_VNC_X509_VERIFY: True}, c.HV_VNC_X509,
+     ["vnc_x509_verify", "vnc_x509_path", "vnc_x509_verify to false"]),
+    ({c.HV_VNC_X509: GOOD_DIR, c.HV_VNC_BIND_ADDRESS: "127.0.0.1"}, c.HV_VNC_X509,
+     ["vnc_x509_path", "vnc_tls to true", 'vnc_x509_path to ""']),
+    ({c.HV_VNC_TLS: True}, c.HV_VNC_TLS,
+     ["vnc_tls is true", "vnc_bind_address", "IPv4 address", "vnc_tls to false"]),
+    ({c.HV_VNC_PASSWORD_FILE: GOOD_FILE}, c.HV_VNC_PASSWORD_FILE,
+     ["vnc_password_file", "vnc_bind_address", 'vnc_password_file to ""']),
+    ({c.HV_BOOT_ORDER: c.HT_BO_CDROM}, c.HV_BOOT_ORDER,
+     ["boot_order is 'cdrom'", "cdrom_image_path", "boot_order to disk, floppy or network"]),
+    ({c.HV_BOOT_ORDER: c.HT_BO_FLOPPY}, c.HV_BOOT_ORDER,
+     ["boot_order is 'floppy'", "floppy_image_path", "boot_order to cdrom, disk or network"]),
+    ({c.HV_KVM_CDROM2_IMAGE_PATH: GOOD_FILE}, c.HV_KVM_CDROM2_IMAGE_PATH,
+     ["cdrom2_image_path", "cdrom_image_path", 'cdrom2_image_path to ""']),
+    ({c.HV_SECURITY_MODEL: c.HT_SM_USER}, c.HV_SECURITY_DOMAIN,
+     ["security_model is 'user'", "security_domain", "security_model to none or pool"]),
+    ({c.HV_SECURITY_MODEL: c.HT_SM_NONE, c.HV_SECURITY_DOMAIN: "nobody"},
+     c.HV_SECURITY_DOMAIN,
+     ["security_model is 'none'", "'nobody'", 'security_domain to ""',
+      "security_model to 'user'"]),
+    ({c.HV_SECURITY_MODEL: c.HT_SM_POOL, c.HV_SECURITY_DOMAIN: "nobody"},
+     c.HV_SECURITY_DOMAIN,
+     ["security_model is 'pool'", 'security_domain to ""', "security_model to 'user'"]),
+    ({c.HV_VHOST_NET: True, c.HV_NIC_TYPE: c.HT_NIC_E1000}, c.HV_VHOST_NET,
+     ["vhost_net is true", "nic_type is 'e1000'", "nic_type to 'paravirtual'",
+      "vhost_net to false"]),
+]
+
+
+@pytest.mark.parametrize("overrides, key, words", CROSS_CHECK_GUIDANCE,
+                         ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(CROSS_CHECK_GUIDANCE)])
+def test_cross_check_messages_name_keys_and_allowed_values(overrides: dict, key: str,
+                                                            words: list[str]) -> None:
+    with pytest.raises(errors.ParameterError) as info:
+        KVMHypervisor.CheckParameterSyntax(params(**overrides))
+    for word in words:
+        assert word in str(info.value)
+    assert info.value.name == key
 
 
 class FakeCaps:
@@ -148,6 +200,36 @@ def test_node_checks(overrides: dict, message: str) -> None:
         validation.check_node(params(**overrides), FakeCaps(),
                               vhost_device="/nonexistent/vhost-net",
                               kvm_device="/nonexistent/kvm")
+
+
+class PoorCaps(FakeCaps):
+    """A QEMU that can neither drop privileges nor chroot nor use KVM."""
+    has_runas = False
+    has_chroot = False
+
+
+@pytest.mark.parametrize("overrides, caps, words", [
+    ({c.HV_CDROM_IMAGE_PATH: GOOD_FILE, c.HV_KVM_CDROM_DISK_TYPE: c.HT_DISK_SD}, FakeCaps(),
+     ["cdrom_disk_type sd", "cdrom_image_path", "cdrom_disk_type to ide, paravirtual, scsi"]),
+    ({c.HV_SECURITY_MODEL: c.HT_SM_USER, c.HV_SECURITY_DOMAIN: "no-such-user-gk"},
+     FakeCaps(), ["security_model is 'user'", "security_domain 'no-such-user-gk'"]),
+    ({c.HV_SECURITY_MODEL: c.HT_SM_USER, c.HV_SECURITY_DOMAIN: "nobody"}, PoorCaps(),
+     ["security_model 'user'", "kvm_path", "security_model to none or pool"]),
+    ({c.HV_KVM_USE_CHROOT: True}, PoorCaps(), ["use_chroot", "kvm_path", "use_chroot to false"]),
+    ({c.HV_KVM_FLAG: c.HT_KVM_ENABLED}, FakeCaps(),
+     ["kvm_flag is enabled", "kvm_flag to disabled"]),
+    ({c.HV_KVM_FLAG: c.HT_KVM_ENABLED}, FakeCaps(accels=("tcg",)),
+     ["kvm_flag enabled", "kvm_path", "kvm_flag to disabled"]),
+    ({c.HV_VNC_BIND_ADDRESS: "127.0.0.1", c.HV_VNC_TLS: True, c.HV_VNC_X509: GOOD_DIR},
+     FakeCaps(), ["vnc_x509_path", "server-cert.pem", "vnc_tls true"]),
+])
+def test_node_check_messages_name_keys_and_allowed_values(overrides: dict, caps: FakeCaps,
+                                                          words: list[str]) -> None:
+    with pytest.raises(errors.ParameterError) as info:
+        validation.check_node(params(**overrides), caps, kvm_device="/nonexistent/kvm"
+                              if "kvm_flag is enabled" in words else "/dev/null")
+    for word in words:
+        assert word in str(info.value)
 
 
 def test_node_check_names_missing_devices() -> None:

@@ -79,7 +79,7 @@ def test_parse_version_garbage() -> None:
 
 def test_help_options_72() -> None:
     options = qemu_caps.parse_help_options(read("7.2", "help"))
-    assert COMMON_OPTIONS <= options
+    assert options >= COMMON_OPTIONS
     assert {"runas", "chroot", "no-acpi", "async-teardown", "no-hpet"} <= options
     assert not {"run-with", "localtime", "balloon"} & options
     assert {"fda", "fdb", "hda", "hdb", "hdc", "hdd"} <= options  # "-fda/-fdb file"
@@ -88,7 +88,7 @@ def test_help_options_72() -> None:
 
 def test_help_options_100() -> None:
     options = qemu_caps.parse_help_options(read("10.0", "help"))
-    assert COMMON_OPTIONS <= options
+    assert options >= COMMON_OPTIONS
     assert "run-with" in options
     assert not {"runas", "chroot", "no-acpi", "localtime", "balloon", "no-hpet",
                 "async-teardown"} & options
@@ -132,7 +132,7 @@ def test_machines(version: str) -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_devices(version: str) -> None:
     devices = qemu_caps.parse_devices(read(version, "device"))
-    assert COMMON_DEVICES <= devices
+    assert devices >= COMMON_DEVICES
     assert len(devices) > 300
     assert not any('"' in d or " " in d for d in devices)
 
@@ -163,6 +163,55 @@ def test_build_caps_named_questions(version: str) -> None:
     assert caps.resolve_machine("pc") == f"pc-i440fx-{version}"
     assert caps.resolve_machine("pc-q35-8.0") == "pc-q35-8.0"
     assert caps.version_text.startswith("QEMU emulator version")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_pinned_machine_type_and_what_a_binary_lacks(version: str) -> None:
+    caps = qemu_caps.build_caps("/usr/bin/qemu", outputs(version))
+    assert caps.pinned_machine() == f"pc-i440fx-{version}"
+    assert caps.pinned_machine("q35") == f"pc-q35-{version}"
+    assert caps.pinned_machine("microvm") is None  # not an alias: nothing to pin
+    assert caps.missing_machine("pc-i440fx-7.2") is None  # 10.0 still has 7.2's type
+    reason = caps.missing_machine("pc-i440fx-11.0")
+    assert reason == (f"QEMU /usr/bin/qemu (version {'.'.join(map(str, caps.version))}) has "
+                      f"no machine type pc-i440fx-11.0 (its newest pc-i440fx-* type is "
+                      f"pc-i440fx-{version})")
+
+
+def test_a_7_2_binary_lacks_the_10_0_type() -> None:
+    caps = qemu_caps.build_caps("/usr/bin/qemu", outputs("7.2"))
+    assert "no machine type pc-i440fx-10.0" in (caps.missing_machine("pc-i440fx-10.0") or "")
+    assert caps.missing_machine("virt") == \
+        "QEMU /usr/bin/qemu (version 7.2.22) has no machine type virt"
+
+
+def test_a_binary_without_a_pc_alias_pins_nothing() -> None:
+    caps = QemuCaps(path="/q", version=(7, 2, 0), version_text="", options=frozenset(),
+                    machines=frozenset(["pc-i440fx-7.2"]))
+    assert caps.pinned_machine() is None
+
+
+@pytest.mark.parametrize("answer, machine", [
+    ("pc-i440fx-7.2-machine", "pc-i440fx-7.2"), ("pc-q35-10.0-machine", "pc-q35-10.0"),
+    ("pc-i440fx-7.2", None), ("x,y-machine", None), (None, None), (7, None), ("-machine", None),
+])
+def test_machine_from_qom_type(answer: object, machine: str | None) -> None:
+    assert qemu_caps.machine_from_qom_type(answer) == machine
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("pc-i440fx-7.2", True), ("pc", True), ("pc,accel=kvm", False), ("pc=1", False),
+    ("", False), ("-pc", False), ("pc i440fx", False), ("pc\n", False), (None, False),
+])
+def test_is_machine_name(name: object, ok: bool) -> None:
+    assert qemu_caps.is_machine_name(name) is ok
+
+
+def test_machine_of_version() -> None:
+    assert qemu_caps.machine_of_version([7, 2, 22]) == "pc-i440fx-7.2"
+    assert qemu_caps.machine_of_version((10, 0, 2)) == "pc-i440fx-10.0"
+    assert qemu_caps.machine_of_version([]) is None
+    assert qemu_caps.machine_of_version([7, 2, 22], "q35") is None
 
 
 # --- parsers against hand-written variants ------------------------------------------------------
@@ -531,8 +580,8 @@ def test_real_probe(qemu_bin: str, tmp_path: Path, popen: PopenCounter) -> None:
     assert again is caps and from_disk == caps
     assert popen.count == len(qemu_caps.PROBE_COMMANDS)
     assert caps.path == qemu_bin
-    assert COMMON_OPTIONS <= caps.options
-    assert COMMON_DEVICES <= caps.devices
+    assert caps.options >= COMMON_OPTIONS
+    assert caps.devices >= COMMON_DEVICES
     assert caps.has_accel("kvm") and caps.has_accel("tcg")
     assert caps.has_machine("pc") and caps.has_machine("q35")
     assert caps.tap_vhost and caps.has_netdev_backend("tap")

@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from ganeti_kvm import qmp as qmp_module
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
 from ganeti_kvm.qmp import QmpClient, qmp_execute
 from tests.fakeqmp import GREETING, FakeQmp, Peer
@@ -367,3 +369,138 @@ def test_real_query_chardev_connection_state(vm: Vm) -> None:
         while serial_filename(client, vm.serial) != disconnected:
             assert time.monotonic() < deadline, "serial chardev never showed the disconnect"
             time.sleep(0.01)
+
+
+# ----------------------------------------------------------------------
+# A monitor whose listen backlog is full (another client talks to it)
+
+
+class _RetrySpy:
+    """Stands in for the ``time`` module of ganeti_kvm.qmp: counts the pauses
+    between connects and tells a waiting server once the client has retried."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self.retried = threading.Event()
+        self.monotonic = time.monotonic
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.retried.set()
+        time.sleep(seconds)
+
+
+def fill_backlog(path: str) -> list[socket.socket]:
+    """Connect until ``path``'s listen backlog is full; the connections, to close later."""
+    pending: list[socket.socket] = []
+    while len(pending) < 16:
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.setblocking(False)
+        try:
+            extra.connect(path)
+        except BlockingIOError:
+            extra.close()
+            return pending
+        pending.append(extra)
+    raise AssertionError(f"the backlog of {path} never filled")
+
+
+@pytest.fixture
+def busy_listener(short_dir: str) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+    """A unix socket listening with QEMU's backlog, already full of waiting clients."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(short_dir, "busy.qmp"))
+    listener.listen(1)
+    pending = fill_backlog(listener.getsockname())
+    try:
+        yield listener, pending
+    finally:
+        for sock in pending:
+            sock.close()
+        listener.close()
+
+
+def test_connect_retries_while_the_backlog_is_full(
+        busy_listener: tuple[socket.socket, list[socket.socket]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connect that finds the backlog full waits for its turn (issue 11: a
+    start failed with EAGAIN because listings kept the monitor busy)."""
+    listener, pending = busy_listener
+    spy = _RetrySpy()
+    monkeypatch.setattr(qmp_module, "time", spy)
+    served: list[Peer] = []
+
+    def serve() -> None:
+        assert spy.retried.wait(10), "the client never retried"
+        listener.settimeout(10)
+        for _ in pending:  # the clients ahead in the queue come and go
+            listener.accept()[0].close()
+        conn, _ = listener.accept()
+        peer = Peer(conn)
+        peer.handshake()
+        peer.reply(peer.recv(), {"status": "running"})
+        served.append(peer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    with QmpClient(listener.getsockname(), timeout=10) as client:
+        assert client.execute("query-status") == {"status": "running"}
+    server.join(10)
+    assert served and spy.pauses
+    assert max(spy.pauses) <= qmp_module.CONNECT_RETRY_MAX
+    served[0].conn.close()
+
+
+def test_connect_gives_up_at_its_deadline_if_the_backlog_stays_full(
+        busy_listener: tuple[socket.socket, list[socket.socket]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    listener, _ = busy_listener
+    spy = _RetrySpy()
+    monkeypatch.setattr(qmp_module, "time", spy)
+    path = listener.getsockname()
+    with pytest.raises(MonitorTimeout) as info:
+        QmpClient(path, timeout=0.2).connect()
+    assert path in str(info.value) and "backlog" in str(info.value)
+    assert len(spy.pauses) > 1  # retried, with growing pauses
+    assert spy.pauses[1] > spy.pauses[0]
+    assert sum(spy.pauses) <= 0.2 + 1e-9  # never slept past the deadline
+
+
+def test_real_connect_waits_for_a_held_monitor(vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's monitor held by one client with a full backlog: the next client
+    retries and gets its answer once the others are done."""
+    holder = QmpClient(vm.qmp, timeout=10)
+    holder.connect()
+    pending = fill_backlog(vm.qmp)
+    spy = _RetrySpy()
+    monkeypatch.setattr(qmp_module, "time", spy)
+    results: list[Any] = []
+
+    def ask() -> None:
+        try:
+            results.append(QmpClient(vm.qmp, timeout=10).execute("query-status"))
+        except MonitorError as err:
+            results.append(err)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    try:
+        assert spy.retried.wait(10), "the client never found the backlog full"
+    finally:
+        for extra in pending:
+            extra.close()
+        holder.close()
+    asker.join(15)
+    assert not asker.is_alive()
+    assert isinstance(results[0], dict) and results[0]["status"] == "prelaunch", results
+
+
+def test_open_monitor_socket_names_the_kind_of_monitor(
+        busy_listener: tuple[socket.socket, list[socket.socket]], short_dir: str) -> None:
+    """The same wait serves the 2011 human monitor; its errors say which monitor."""
+    listener, _ = busy_listener
+    with pytest.raises(MonitorTimeout, match="human monitor .*backlog stayed full"):
+        qmp_module.open_monitor_socket(listener.getsockname(), 0.05, kind="human monitor")
+    missing = os.path.join(short_dir, "gone.monitor")
+    with pytest.raises(MonitorError, match=f"human monitor {missing} does not exist"):
+        qmp_module.open_monitor_socket(missing, 1.0, kind="human monitor")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
 from ganeti_kvm import qmp_batch
+from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
 from ganeti_kvm.qmp import QmpClient
 from ganeti_kvm.qmp_batch import execute_each
 from tests.fakeqmp import GREETING, FakeQmp, Peer

@@ -1,0 +1,421 @@
+"""The KVM hypervisor behind Ganeti 3.x's contract.
+
+:class:`KVMHypervisor` has every public member of Ganeti 3's
+``hv_kvm.KVMHypervisor`` and its ``hv_base.BaseHypervisor``, with the same
+signatures and kinds (class method, static method or not), and hands Ganeti
+its own types back (see :mod:`ganeti_kvm.ganeti3._ganeti`).  It only adapts
+Ganeti's objects to plain data: the work is done by
+:class:`ganeti_kvm.lifecycle.KvmNode` and :mod:`ganeti_kvm.migration`.
+
+Every error of the library leaves a public call as Ganeti's
+``errors.HypervisorError`` (``HotplugError`` for hotplug), with the
+library's message and the original exception as its cause.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from ganeti_kvm import cmdline, errors, hv_base, paths, validation
+from ganeti_kvm import constants as c
+from ganeti_kvm import migration as core_migration
+from ganeti_kvm.ganeti3 import _ganeti, bundled, migration, params
+from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SERIAL_SOCAT = "STDIO,raw,echo=0,escape=0x1d"
+_NOT_YET = "is not supported by ganeti-kvm yet"
+
+
+def _as_ganeti_errors(func: F) -> F:
+    """Raise the library's errors as Ganeti's ``HypervisorError`` (the cause kept)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except errors.GenericError as err:
+            if isinstance(err, _ganeti.HypervisorError):
+                raise
+            raise _ganeti.HypervisorError(str(err)) from err
+    return wrapper  # type: ignore[return-value]
+
+
+def _attr(obj: Any, name: str, default: Any = None) -> Any:
+    """An attribute of a Ganeti object, or the key of a dict."""
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _name(instance: Any) -> str:
+    return paths.check_instance_name(_attr(instance, "name"))
+
+
+def _nic_dict(nic: Any) -> dict[str, Any]:
+    if isinstance(nic, Mapping):
+        data = dict(nic)
+    elif hasattr(nic, "ToDict"):
+        data = nic.ToDict()
+    else:
+        data = {k: getattr(nic, k, None) for k in ("mac", "ip", "nicparams")}
+    data["nicparams"] = dict(data.get("nicparams") or {})
+    return data
+
+
+def _positive_int(name: str, key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise errors.ParameterError(
+            f"Instance {name}: backend parameter {key} must be a whole number greater "
+            f"than zero, not {value!r}", key, value)
+    return value
+
+
+def instance_spec(instance: Any, block_devices: Any = ()) -> InstanceSpec:
+    """The core's spec of a Ganeti 3 instance (filled hvparams and beparams, as RPC sends)."""
+    name = _name(instance)
+    hvparams = params.fill(_attr(instance, "hvparams"))
+    params.check_implemented(hvparams)
+    beparams = _attr(instance, "beparams") or {}
+    # Ganeti 3 starts QEMU with maxmem (minmem only matters to ballooning).
+    memory = beparams.get("maxmem", beparams.get(c.BE_MEMORY))
+    return InstanceSpec(
+        name=name, hvparams=params.to_core(hvparams),
+        memory=_positive_int(name, "maxmem", memory),
+        vcpus=_positive_int(name, c.BE_VCPUS, beparams.get(c.BE_VCPUS)),
+        nics=[_nic_dict(n) for n in _attr(instance, "nics") or []],
+        disks=cmdline.normalize_block_devices(list(block_devices or [])),
+        tags=sorted(str(t) for t in _attr(instance, "tags") or []),
+        uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"))
+
+
+class KVMHypervisor(_ganeti.BaseHypervisor):
+    """QEMU/KVM instances on this node, for Ganeti 3.x's node daemon.
+
+    Ganeti builds it without arguments.  ``run_dir`` relocates all runtime
+    state (default: ``GANETI_KVM_RUN_DIR`` or
+    /var/run/ganeti/kvm-hypervisor); ``uid_pool``, ``socat_path``,
+    ``ifup_script`` and ``netns`` are those of
+    :class:`ganeti_kvm.lifecycle.KvmNode`.
+    """
+
+    CAN_MIGRATE = True
+    PARAMETERS = params.PARAMETERS
+    # The ifup hook ships with the library: Ganeti has no file to copy.
+    ANCILLARY_FILES: list[str] = []
+    ANCILLARY_FILES_OPT: list[str] = []
+
+    def __init__(self, run_dir: str | None = None, uid_pool: str | None = None,
+                 socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
+                 netns: str | None = None) -> None:
+        self.node = KvmNode(run_dir or paths.default_run_dir(), uid_pool=uid_pool,
+                            socat_path=socat_path, ifup_script=ifup_script, netns=netns)
+
+    # --- parameters ------------------------------------------------------------
+
+    @classmethod
+    @_as_ganeti_errors
+    def CheckParameterSyntax(cls, hvparams: Mapping[str, Any]) -> None:
+        """Ganeti's table, then the refusal of unimplemented values, then the core's checks."""
+        if _ganeti.HAVE_GANETI:
+            super().CheckParameterSyntax(hvparams)
+        else:
+            params.apply_table_syntax(cls.PARAMETERS, hvparams)
+        params.check_implemented(hvparams)
+        validation.check_all_syntax(params.to_core(hvparams))
+
+    @classmethod
+    @_as_ganeti_errors
+    def ValidateParameters(cls, hvparams: Mapping[str, Any]) -> None:
+        """:meth:`CheckParameterSyntax`, then files, users, devices and QEMU's abilities."""
+        cls.CheckParameterSyntax(hvparams)
+        hv_base.apply_node_checks(cls.PARAMETERS, hvparams)
+        KvmNode(paths.default_run_dir()).check_params(params.to_core(hvparams))
+
+    @classmethod
+    def AssessParameters(cls, hvparams: Mapping[str, Any]) -> list[str]:
+        """Warnings about uncommon values (Ganeti 3.1); none so far."""
+        return []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    @_as_ganeti_errors
+    def StartInstance(self, instance: Any, block_devices: Any, startup_paused: bool) -> None:
+        """Start ``instance``; returns when QEMU runs and answers on its monitor.
+
+        ``block_devices`` are Ganeti's ``(disk, link, uri)`` triples.
+        """
+        self.node.start(instance_spec(instance, block_devices), paused=bool(startup_paused))
+
+    def VerifyInstance(self, instance: Any) -> bool:
+        """Whether the running instance matches its configuration: always, so far."""
+        return True
+
+    def RestoreInstance(self, instance: Any, block_devices: Any) -> None:
+        """Bring a running instance back to its configuration; nothing drifts so far."""
+
+    @_as_ganeti_errors
+    def StopInstance(self, instance: Any, force: bool = False, retry: bool = False,
+                     name: str | None = None, timeout: int | None = None) -> None:
+        """Stop an instance, as Ganeti 3 does.
+
+        With ACPI on and no ``force`` it presses the power button and
+        returns; Ganeti's backend polls and forces the stop after its own
+        timeout.  ``force`` (or ACPI off) kills QEMU; ``name`` with
+        ``force`` stops an instance known only by name.
+        """
+        if name is not None and not force:
+            raise errors.HypervisorError("Cannot shutdown cleanly by name only")
+        if name is None:
+            name = _name(instance)
+        self._adopt(name)
+        acpi = False
+        try:
+            record = self.node.load_record(name)
+        except errors.RuntimeStateError as err:
+            log.warning("%s; stopping instance %s without it", err, name)
+            record = None
+        if record is not None:
+            acpi = bool(record.hvparams.get(c.HV_ACPI))
+        elif instance is not None:
+            acpi = bool(params.fill(_attr(instance, "hvparams"))[c.HV_ACPI])
+        if self.node.stop(name, acpi=acpi, force=force, timeout=None):
+            bundled.remove_leftovers(self.node, name)
+
+    @_as_ganeti_errors
+    def CleanupInstance(self, instance_name: str) -> None:
+        """Remove everything a stopped instance left behind; refuses while it runs."""
+        self.node.cleanup(instance_name)
+        bundled.remove_leftovers(self.node, instance_name)
+
+    @_as_ganeti_errors
+    def RebootInstance(self, instance: Any) -> None:
+        """Stop the instance and start it again from its saved runtime record."""
+        name = _name(instance)
+        if self._adopt(name):
+            # Its QEMU was the bundled driver's: the restart builds ganeti-kvm's from
+            # parameters, which must then all be implemented (refused before the stop).
+            params.check_implemented(_attr(instance, "hvparams") or {})
+        self.node.reboot(name)
+        bundled.remove_leftovers(self.node, name, restarted=True)
+
+    def _adopt(self, name: str) -> bool:
+        """Take ``name`` over from Ganeti's bundled driver if it started it (see
+        :mod:`ganeti_kvm.ganeti3.bundled`); True if its QEMU is the bundled driver's.
+
+        A failure is logged: the calls work on the QEMU without the record.
+        """
+        try:
+            bundled.adopt(self.node, name)
+        except errors.HypervisorError as err:
+            log.warning("Cannot take instance %s over from the bundled driver: %s", name, err)
+        return os.path.exists(bundled.kept_file(self.node.paths(name)))
+
+    # --- listing -------------------------------------------------------------
+
+    @staticmethod
+    def _ganeti_tuple(info: Any) -> tuple[str, int, int, int, int, int]:
+        # The QEMU process lives (running, paused or not answering): Ganeti's
+        # RUNNING.  SHUTDOWN is for user_shutdown, which is not implemented.
+        return (info.name, info.pid, info.memory, info.vcpus,
+                _ganeti.HvInstanceState.RUNNING, int(info.cpu_time))
+
+    @_as_ganeti_errors
+    def ListInstances(self, hvparams: Mapping[str, Any] | None = None) -> list[str]:
+        """Names of the instances whose QEMU runs on this node."""
+        return self.node.list_names()
+
+    @_as_ganeti_errors
+    def GetInstanceInfo(self, instance_name: str,
+                        hvparams: Mapping[str, Any] | None = None) -> tuple | None:
+        """``(name, pid, memory, vcpus, HvInstanceState, cpu_seconds)``, or None."""
+        info = self.node.info(instance_name)
+        return self._ganeti_tuple(info) if info else None
+
+    @_as_ganeti_errors
+    def GetAllInstancesInfo(self, hvparams: Mapping[str, Any] | None = None) -> list[tuple]:
+        """:meth:`GetInstanceInfo` for every running instance."""
+        return [self._ganeti_tuple(info) for info in self.node.all_info()]
+
+    # --- node ------------------------------------------------------------------
+
+    @staticmethod
+    @_as_ganeti_errors
+    def GetLinuxNodeInfo(meminfo: str = "/proc/meminfo",
+                         cpuinfo: str = "/proc/cpuinfo") -> dict[str, int]:
+        """Memory (MiB) and CPUs of this node, with the CPU keys Ganeti 3 reads."""
+        result = hv_base.BaseHypervisor.GetLinuxNodeInfo(meminfo, cpuinfo)
+        result.update(cpu_dom0=result["cpu_total"], cpu_nodes=1, cpu_sockets=1)
+        return result
+
+    @_as_ganeti_errors
+    def GetNodeInfo(self, hvparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`GetLinuxNodeInfo` plus ``hv_version``, the QEMU of ``hvparams``."""
+        result: dict[str, Any] = self.GetLinuxNodeInfo()
+        kvm_path = _attr(hvparams, c.HV_KVM_PATH) or c.KVM_PATH
+        try:
+            result["hv_version"] = tuple(self.node.caps(kvm_path).version)
+        except errors.HypervisorError as err:
+            log.warning("Cannot tell the version of QEMU %s: %s", kvm_path, err)
+        return result
+
+    @_as_ganeti_errors
+    def Verify(self, hvparams: Mapping[str, Any] | None = None) -> str | None:
+        """None if this node can run instances, else a message saying what is missing."""
+        problems = []
+        kvm_path = _attr(hvparams, c.HV_KVM_PATH) or c.KVM_PATH
+        try:
+            caps = self.node.caps(kvm_path)
+            if not caps.has_option("daemonize"):
+                problems.append(f"QEMU {kvm_path} cannot -daemonize")
+        except errors.HypervisorError as err:
+            problems.append(f"QEMU is not usable: {err}")
+        socat = self.node.socat_path
+        if not (os.path.isfile(socat) and os.access(socat, os.X_OK)):
+            problems.append(f"socat not found at {socat} (needed for serial consoles)")
+        try:
+            self.node.ensure_dirs()
+        except errors.HypervisorError as err:
+            problems.append(str(err))
+        return "; ".join(problems) if problems else None
+
+    @classmethod
+    @_as_ganeti_errors
+    def LinuxPowercycle(cls) -> None:
+        """Reboot the node at once through sysrq."""
+        hv_base.BaseHypervisor.LinuxPowercycle()
+
+    @classmethod
+    def PowercycleNode(cls, hvparams: Mapping[str, Any] | None = None) -> None:
+        """Reboot the node at once (sysrq); for a hung node only."""
+        cls.LinuxPowercycle()
+
+    @classmethod
+    def GetAncillaryFiles(cls) -> tuple[list[str], list[str]]:
+        """``(files, optional files)`` Ganeti copies to every node: none."""
+        return (list(cls.ANCILLARY_FILES), list(cls.ANCILLARY_FILES_OPT))
+
+    # --- consoles --------------------------------------------------------------
+
+    @classmethod
+    @_as_ganeti_errors
+    def GetInstanceConsole(cls, instance: Any, primary_node: Any, node_group: Any,
+                           hvparams: Mapping[str, Any], beparams: Mapping[str, Any]) -> Any:
+        """Ganeti's ``objects.InstanceConsole``: serial over ssh, VNC, or a message."""
+        name = _name(instance)
+        hvp = params.fill(hvparams)
+        host = _attr(primary_node, "name", primary_node)
+        if hvp[c.HV_SERIAL_CONSOLE]:
+            ipaths = paths.RunDir(paths.default_run_dir()).instance(name)
+            command = [c.KVM_CONSOLE_WRAPPER, c.SOCAT_PATH, name, ipaths.qmp_socket,
+                       _SERIAL_SOCAT, "UNIX-CONNECT:" + ipaths.serial_socket]
+            port = None
+            if node_group is not None and hasattr(node_group, "FillND"):
+                port = node_group.FillND(primary_node).get("ssh_port")
+            return _ganeti.InstanceConsole(instance=name, kind=c.CONS_SSH, host=host,
+                                           port=port, user="root", command=command)
+        address = hvp[c.HV_VNC_BIND_ADDRESS]
+        port = _attr(instance, "network_port")
+        if address and not address.startswith("/") and isinstance(port, int) \
+                and port > c.VNC_BASE_PORT:
+            vnc_host = host if address == c.IP4_ADDRESS_ANY else address
+            return _ganeti.InstanceConsole(instance=name, kind=c.CONS_VNC, host=vnc_host,
+                                           port=port, display=port - c.VNC_BASE_PORT)
+        return _ganeti.InstanceConsole(instance=name, kind=c.CONS_MESSAGE,
+                                       message=f"No serial shell for instance {name}")
+
+    # --- migration -------------------------------------------------------------
+
+    @staticmethod
+    def VersionsSafeForMigration(src: Any, target: Any) -> bool:
+        """QEMU migrates between the versions Ganeti runs (machine types pin the guest ABI)."""
+        return True
+
+    @_as_ganeti_errors
+    def MigrationInfo(self, instance: Any) -> str:
+        """The serialized runtime record of the running instance, for its target."""
+        name = _name(instance)
+        self._adopt(name)
+        return core_migration.migration_info(self.node, name)
+
+    @_as_ganeti_errors
+    def AcceptInstance(self, instance: Any, info: str, target: str) -> None:
+        """On the target: start QEMU waiting for ``instance`` on ``target``:migration_port."""
+        core_migration.accept(self.node, _name(instance), info, target)
+
+    @_as_ganeti_errors
+    def MigrateInstance(self, cluster_name: str, instance: Any, target: str,
+                        live: bool) -> None:
+        """On the source: start the migration; returns once QEMU migrates.
+
+        Ganeti then polls :meth:`GetMigrationStatus`; the library's time
+        limit and stall timeout are enforced there.
+        """
+        name = _name(instance)
+        self._adopt(name)
+        migration.start(self.node, name, target, bool(live))
+
+    @_as_ganeti_errors
+    def GetMigrationStatus(self, instance: Any) -> Any:
+        """Ganeti's ``objects.MigrationStatus``: active, completed, failed or cancelled."""
+        state, status = migration.poll(self.node, _name(instance))
+        return _ganeti.MigrationStatus(status=state, **migration.ganeti_fields(status))
+
+    @_as_ganeti_errors
+    def FinalizeMigrationSource(self, instance: Any, success: bool, live: bool) -> None:
+        """On the source: stop the stale QEMU, or cancel and let the guest run on here."""
+        name = _name(instance)
+        migration.finish_source(self.node, name, bool(success))
+        bundled.remove_leftovers(self.node, name)
+
+    @_as_ganeti_errors
+    def FinalizeMigrationDst(self, instance: Any, info: str, success: bool) -> None:
+        """On the target: run the ifup hooks and continue, or stop and clean up."""
+        core_migration.finalize(self.node, _name(instance), info, bool(success))
+
+    # --- not yet: ballooning, hotplug, disk resize -------------------------------
+
+    def BalloonInstanceMemory(self, instance: Any, mem: int) -> None:
+        """Memory ballooning: not supported yet; raises Ganeti's ``HypervisorError``."""
+        raise _ganeti.HypervisorError(
+            f"Ballooning instance {_attr(instance, 'name')} to {mem} MiB {_NOT_YET}; "
+            "change the instance's memory with a restart instead")
+
+    def HotplugSupported(self, instance: Any) -> None:
+        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
+        raise _ganeti.HotplugError(
+            f"Hotplug {_NOT_YET} (instance {_attr(instance, 'name')}); "
+            "change devices with a restart (omit --hotplug)")
+
+    def VerifyHotplugSupport(self, instance: Any, action: str, dev_type: str) -> None:
+        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
+        raise _ganeti.HotplugError(
+            f"Hotplug ({action} {dev_type}) {_NOT_YET} (instance "
+            f"{_attr(instance, 'name')}); change devices with a restart (omit --hotplug)")
+
+    def HotAddDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
+                     seq: int) -> Any:
+        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
+        self.VerifyHotplugSupport(instance, "add", dev_type)
+
+    def HotDelDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
+                     seq: int) -> Any:
+        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
+        self.VerifyHotplugSupport(instance, "remove", dev_type)
+
+    def HotModDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
+                     seq: int) -> Any:
+        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
+        self.VerifyHotplugSupport(instance, "modify", dev_type)
+
+    def ResizeDisk(self, instance: Any, disk: Any, new_size: int) -> None:
+        """Telling QEMU of a grown disk (Ganeti 3.1): not supported yet (``HotplugError``)."""
+        raise _ganeti.HotplugError(
+            f"Resizing a disk of running instance {_attr(instance, 'name')} {_NOT_YET}; "
+            "restart the instance to see the new size")

@@ -1,0 +1,63 @@
+"""Ganeti 3's asynchronous migration, on the source node.
+
+Ganeti 3 splits a migration into calls that may reach different node
+daemon processes: ``MigrateInstance`` starts it and returns, the master
+polls ``GetMigrationStatus`` for as long as the status is ``active``, then
+calls ``FinalizeMigrationSource`` (and ``FinalizeMigrationDst`` on the
+target).  The core offers exactly these steps
+(:func:`ganeti_kvm.migration.start`, :func:`~ganeti_kvm.migration.poll`,
+:func:`~ganeti_kvm.migration.finish_source`), with the library's time limit
+and stall timeout kept between the calls in the instance's migration state
+record; this module only maps QEMU's states onto Ganeti's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ganeti_kvm import migration as core_migration
+from ganeti_kvm.lifecycle import KvmNode
+
+GANETI_ACTIVE, GANETI_COMPLETED, GANETI_FAILED, GANETI_CANCELLED = (
+    "active", "completed", "failed", "cancelled")
+
+
+def ganeti_state(qemu_status: str) -> str:
+    """Ganeti's name for QEMU's migration state ``qemu_status``.
+
+    Ganeti knows only active, completed, failed and cancelled; every state
+    of a migration still going on is ``active``, and ``none`` (nothing was
+    started, e.g. the source QEMU was restarted) is ``failed``.
+    """
+    if qemu_status in core_migration.ONGOING:
+        return GANETI_ACTIVE
+    if qemu_status in (GANETI_COMPLETED, GANETI_CANCELLED):
+        return qemu_status
+    return GANETI_FAILED
+
+
+def start(node: KvmNode, name: str, target: str, live: bool,
+          limit: float | None = None,
+          stall_timeout: float = core_migration.STALL_TIMEOUT) -> None:
+    """``MigrateInstance``: start migrating ``name``; returns once QEMU migrates."""
+    core_migration.start(node, name, target, live, limit=limit, stall_timeout=stall_timeout)
+
+
+def poll(node: KvmNode, name: str) -> tuple[str, core_migration.MigrationStatus]:
+    """``GetMigrationStatus``: Ganeti's state of ``name``'s migration and QEMU's report.
+
+    The core cancels a migration past its time limit or without progress
+    and reports it ``failed``, with the reason in the report's ``error``.
+    """
+    status = core_migration.poll(node, name)
+    return ganeti_state(status.status), status
+
+
+def finish_source(node: KvmNode, name: str, success: bool) -> None:
+    """``FinalizeMigrationSource``: end the stale source QEMU, or let the guest run on."""
+    core_migration.finish_source(node, name, success)
+
+
+def ganeti_fields(status: core_migration.MigrationStatus) -> dict[str, Any]:
+    """The RAM figures Ganeti's ``objects.MigrationStatus`` carries."""
+    return {"transferred_ram": status.transferred, "total_ram": status.total}
