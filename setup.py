@@ -31,7 +31,7 @@ setup(
     package_data={"ganeti_kvm": ["py.typed", "tools/*"]},
     include_package_data=True,
     extras_require={"test": ["pytest>=7", "mypy==2.4.1", "ruff==0.17.6"]},
-    entry_points={"console_scripts": ["ganeti-kvm = ganeti_kvm.cli:main"]},
+    entry_points={"console_scripts": ["ganeti-kvm = ganeti_kvm.tools.cli:main"]},
     classifiers=[
         "License :: OSI Approved :: GNU General Public License v2 or later (GPLv2+)",
         "Programming Language :: Python :: 3.11",

@@ -28,8 +28,11 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ganeti_kvm import migration, objects, qemu_caps, qmp  # noqa: E402
+from ganeti_kvm import objects  # noqa: E402
+from ganeti_kvm.core import migration  # noqa: E402
 from ganeti_kvm.hv_kvm import KVMHypervisor  # noqa: E402
+from ganeti_kvm.qemu import caps as qemu_caps  # noqa: E402
+from ganeti_kvm.qmp import client as qmp  # noqa: E402
 from tests.guestimage import FIRST_LINE, build_guest  # noqa: E402
 from tests.helpers import SerialReader, guest_hvparams, kill_instances  # noqa: E402
 from tests.test_console import Terminal  # noqa: E402

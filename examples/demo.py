@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ganeti_kvm import constants, objects, process  # noqa: E402
-from ganeti_kvm.cli import MigrationProgress  # noqa: E402
+from ganeti_kvm import constants, objects  # noqa: E402
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor  # noqa: E402
+from ganeti_kvm.tools.cli import MigrationProgress  # noqa: E402
 from tests.guestimage import build_guest, make_disk  # noqa: E402
 from tests.helpers import kill_instances  # noqa: E402
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from ganeti_kvm.cli import main
+from ganeti_kvm.tools.cli import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@
 manager's KVM driver (CamelCase methods, ``PARAMETERS``, ``CAN_MIGRATE``) so
 that a node daemon ports by changing an import.  It only adapts the
 daemon's objects to plain data; the work is done by
-:class:`ganeti_kvm.lifecycle.KvmNode` and the modules below it.
+:class:`ganeti_kvm.core.node.KvmNode` and the modules below it.
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ganeti_kvm import (
-    cmdline,
-    errors,
-    hv_base,
-    inputs,
-    migration,
-    objects,
-    paths,
-    qemu_caps,
-    validation,
-)
 from ganeti_kvm import constants as c
-from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
+from ganeti_kvm import errors, hv_base, objects
+from ganeti_kvm.core import inputs, migration
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.core.node import InstanceSpec, KvmNode
+from ganeti_kvm.host import paths
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu import cmdline
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +262,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         return objects.InstanceConsole(instance=name, kind=c.CONS_MESSAGE,
                                        message=f"No serial shell for instance {name}")
 
-    # --- migration (see ganeti_kvm.migration) ----------------------------------------
+    # --- migration (see ganeti_kvm.core.migration) ----------------------------------------
 
     def MigrationInfo(self, instance: Any) -> str:
         """The serialized runtime record of the running instance, for its target."""
@@ -290,7 +285,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         ``timeout`` overrides the time limit derived from RAM size and
         bandwidth; a migration that moves no byte for ``stall_timeout``
         seconds (a broken link) is cancelled; ``progress`` is called with a
-        :class:`~ganeti_kvm.migration.MigrationStatus` while it runs.
+        :class:`~ganeti_kvm.core.migration.MigrationStatus` while it runs.
         """
         migration.migrate(self.node, paths.check_instance_name(_attr(instance, "name")),
                           target, live, limit=timeout, progress=progress,

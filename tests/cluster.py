@@ -77,7 +77,7 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import process
+from ganeti_kvm.host import process
 
 log = logging.getLogger(__name__)
 

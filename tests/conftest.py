@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ganeti_kvm import process
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.cluster import ganeti_cluster  # noqa: F401  (the session's Ganeti cluster)
 from tests.fakeqmp import FakeQmp, Peer

@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import objects, paths, process
-from ganeti_kvm.console_wrapper import find_serial_chardev
-from ganeti_kvm.qmp import qmp_execute
+from ganeti_kvm import objects
+from ganeti_kvm.host import paths, process
+from ganeti_kvm.qmp.client import qmp_execute
+from ganeti_kvm.tools.console_wrapper import find_serial_chardev
 
 
 def guest_hvparams(qemu_bin: str, guest: Any, **overrides: Any) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class Node:
             return None
 
     def op_qmp(self, name: str, command: str) -> Any:
-        from ganeti_kvm.qmp import qmp_execute
+        from ganeti_kvm.qmp.client import qmp_execute
 
         return qmp_execute(os.path.join(RUN_DIR, "ctrl", name + ".qmp"), command, timeout=10)
 

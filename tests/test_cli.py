@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cli, errors, process
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors
+from ganeti_kvm.core.migration import MigrationStatus
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.migration import MigrationStatus
+from ganeti_kvm.tools import cli
 from tests.helpers import SerialReader, free_port, guest_hvparams, kill_instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ganeti_kvm import process
+from ganeti_kvm.host import process
 from tests import cluster as gc
 from tests.cluster import Cluster, ClusterError
 

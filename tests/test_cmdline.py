@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cmdline, errors
 from ganeti_kvm import constants as c
-from ganeti_kvm.paths import RunDir
+from ganeti_kvm import errors
+from ganeti_kvm.host.paths import RunDir
+from ganeti_kvm.qemu import cmdline
 
 PATHS = RunDir("/run/gk").instance("web1")
 SPEC = cmdline.MachineSpec(name="web1", memory=256, vcpus=2, network_port=5901)

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import hv_base, paths
+from ganeti_kvm import hv_base
+from ganeti_kvm.host import paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import kill_instances, make_instance
 from tests.test_console import Terminal

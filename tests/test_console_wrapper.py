@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants
-from ganeti_kvm.console_wrapper import escape_description, find_serial_chardev, main
-from ganeti_kvm.qmp import QmpClient
+from ganeti_kvm.qmp.client import QmpClient
+from ganeti_kvm.tools.console_wrapper import escape_description, find_serial_chardev, main
 from tests.helpers import BareVm as Vm
 
 WRAPPER = constants.KVM_CONSOLE_WRAPPER

@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from ganeti_kvm import constants, errors, hv_base, objects, qemu_caps
+from ganeti_kvm import constants, errors, hv_base, objects
 from ganeti_kvm.hv_kvm import KVMHypervisor
+from ganeti_kvm.qemu import caps as qemu_caps
 
 # The 2011 driver's cluster defaults, key by key (Ganeti 2.5 constants.py,
 # HVC_DEFAULTS[HT_KVM]).

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import devices, lifecycle, netdev, process
+from ganeti_kvm.core import devices
+from ganeti_kvm.core import node as lifecycle
+from ganeti_kvm.host import netdev, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests import legacy2011
 from tests.guestimage import make_disk

@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cmdline, devices, errors, lifecycle, runtime
 from ganeti_kvm import constants as c
-from ganeti_kvm.devices import DeviceId
+from ganeti_kvm import errors
+from ganeti_kvm.core import devices, runtime
+from ganeti_kvm.core import node as lifecycle
+from ganeti_kvm.core.devices import DeviceId
 from ganeti_kvm.ganeti3 import bundled, params
-from ganeti_kvm.paths import RunDir
+from ganeti_kvm.host.paths import RunDir
+from ganeti_kvm.qemu import cmdline
 from tests import legacy2011
 from tests.test_cmdline import PATHS, Caps72, hvp, option_values
 

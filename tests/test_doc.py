@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ganeti_kvm import doc
+from ganeti_kvm.tools import doc
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -14,7 +14,7 @@ def test_readme_parameter_table_is_current() -> None:
         text = handle.read()
     start, end = text.index(doc.BEGIN), text.index(doc.END) + len(doc.END)
     assert text[start:end] == doc.parameter_table(), \
-        "regenerate the table with: python3 -m ganeti_kvm.doc"
+        "regenerate the table with: python3 -m ganeti_kvm.tools.doc"
 
 
 def test_table_has_every_parameter() -> None:

@@ -158,7 +158,7 @@ def test_qemus_migration_states_map_onto_ganetis(qemu: str, ganeti: str) -> None
 
 def test_get_migration_status_reports_the_cores_verdict(
         g3: KVMHypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ganeti_kvm import migration as core
+    from ganeti_kvm.core import migration as core
 
     verdict = core.MigrationStatus(status="failed", transferred=30, total=100,
                                    error="the migration made no progress for 30 s")

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ganeti_kvm import errors, hmp
-from ganeti_kvm.migration import _hmp_status
+from ganeti_kvm import errors
+from ganeti_kvm.core.migration import _hmp_status
+from ganeti_kvm.qmp import hmp
 
 GREETING = b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) "
 

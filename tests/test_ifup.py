@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, ifup, netdev
+from ganeti_kvm import errors
+from ganeti_kvm.host import ifup, netdev
 from tests.netns import netns, ns_ip, ns_read, skip_unless_netns
 
 

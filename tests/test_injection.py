@@ -1,6 +1,6 @@
 """No value reaches QEMU's option parser unchecked.
 
-A table covers every place in :mod:`ganeti_kvm.cmdline` where a value from
+A table covers every place in :mod:`ganeti_kvm.qemu.cmdline` where a value from
 the instance, its parameters or the node goes into QEMU's command line.
 Each value gets a comma, an ``=``, a newline and a NUL; the command line
 must then either be refused with a ParameterError naming the parameter,
@@ -20,11 +20,15 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cmdline, errors, macaddr, objects, qmp, validation
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors, objects
+from ganeti_kvm.core import macaddr
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.core.node import InstanceSpec
+from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.lifecycle import InstanceSpec
-from ganeti_kvm.paths import RunDir
+from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qmp import client as qmp
 from tests.helpers import kill_instances, make_instance
 from tests.netns import netns, skip_unless_netns
 from tests.test_cmdline import Caps10, Caps72, hvp
@@ -312,7 +316,7 @@ def test_qemu_reads_a_comma_in_name_as_an_option(qemu_bin, short_dir, reaper) ->
 @pytest.mark.parametrize("value, why", [("x" * 200_000, "bytes long"), ("a\0b", "NUL")],
                          ids=["e2big", "nul"])
 def test_launch_turns_a_refused_argv_into_a_launch_error(short_dir, value, why) -> None:
-    from ganeti_kvm.lifecycle import KvmNode
+    from ganeti_kvm.core.node import KvmNode
 
     node = KvmNode(os.path.join(short_dir, "run"))
     node.ensure_dirs()

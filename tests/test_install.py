@@ -16,8 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ganeti_kvm import cli, errors
+from ganeti_kvm import errors
 from ganeti_kvm.ganeti3 import install
+from ganeti_kvm.tools import cli
 from tests import ganeti_trees
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

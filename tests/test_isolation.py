@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, process, uidpool
+from ganeti_kvm import errors
+from ganeti_kvm.host import process, uidpool
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import kill_instances, make_instance
 

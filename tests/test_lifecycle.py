@@ -11,9 +11,10 @@ import time
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, objects, process
+from ganeti_kvm import errors, objects
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.qmp import qmp_execute
+from ganeti_kvm.qmp.client import qmp_execute
 from tests.guestimage import make_disk
 from tests.helpers import SerialReader, guest_hvparams, make_instance
 

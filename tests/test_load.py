@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, lifecycle, process
+from ganeti_kvm import errors
+from ganeti_kvm.core import node as lifecycle
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import make_instance
 

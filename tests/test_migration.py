@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from ganeti_kvm import errors, migration, process
+from ganeti_kvm import errors
+from ganeti_kvm.core import migration
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import SerialReader, free_port, guest_hvparams, make_instance
 

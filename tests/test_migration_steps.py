@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, migration
+from ganeti_kvm import errors
+from ganeti_kvm.core import migration
+from ganeti_kvm.core.migration import MigrationState, MigrationStatus
+from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.lifecycle import KvmNode
-from ganeti_kvm.migration import MigrationState, MigrationStatus
 from tests import legacy2011
 from tests.fakeqmp import FakeQmp, Peer
 from tests.helpers import free_port, make_instance

@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, lifecycle, qemu_caps, runtime
-from ganeti_kvm.paths import RunDir
-from ganeti_kvm.qmp import qmp_execute
+from ganeti_kvm import errors
+from ganeti_kvm.core import node as lifecycle
+from ganeti_kvm.core import runtime
+from ganeti_kvm.host.paths import RunDir
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qmp.client import qmp_execute
 from tests.helpers import SerialReader, guest_hvparams, make_instance
 from tests.netns import IP
 from tests.node_process import NodeProcess, instance_arg

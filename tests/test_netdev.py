@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_kvm import errors, netdev
+from ganeti_kvm import errors
+from ganeti_kvm.host import netdev
 from tests.netns import IP, netns, ns_ip, ns_read, run, skip_unless_netns
 
 VIRTIO_NET_HDR_SIZE = 10

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ganeti_kvm import errors, netdev, objects
+from ganeti_kvm import errors, objects
+from ganeti_kvm.host import netdev
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
 from tests.netns import netns, ns_ip, ns_read, ns_run, skip_unless_netns

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, paths, validation
+from ganeti_kvm import errors
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.host import paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
 
 GOOD_FILE = os.path.realpath(__file__)

@@ -1,4 +1,4 @@
-"""Tests for ganeti_kvm.qemu_caps: the help-text parsers, the caches and real probes.
+"""Tests for ganeti_kvm.qemu.caps: the help-text parsers, the caches and real probes.
 
 The fixtures under tests/data/qemu-<version>/ are the verbatim outputs of
 the real QEMU 7.2 and 10.0 binaries; regenerate them with e.g.
@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import errors, qemu_caps
-from ganeti_kvm.qemu_caps import QemuCaps
+from ganeti_kvm import errors
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu.caps import QemuCaps
 
 DATA = Path(__file__).parent / "data"
 VERSIONS = ("7.2", "10.0")

@@ -15,8 +15,10 @@ import stat
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, objects, process, qemulog
+from ganeti_kvm import errors, objects
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
+from ganeti_kvm.qemu import log as qemulog
 from tests.helpers import free_port, guest_hvparams, kill_instances, make_instance
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import qmp as qmp_module
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
-from ganeti_kvm.qmp import QmpClient, qmp_execute
+from ganeti_kvm.qmp import client as qmp_module
+from ganeti_kvm.qmp.client import QmpClient, qmp_execute
 from tests.fakeqmp import GREETING, FakeQmp, Peer
 from tests.helpers import BareVm as Vm
 
@@ -376,7 +376,7 @@ def test_real_query_chardev_connection_state(vm: Vm) -> None:
 
 
 class _RetrySpy:
-    """Stands in for the ``time`` module of ganeti_kvm.qmp: counts the pauses
+    """Stands in for the ``time`` module of ganeti_kvm.qmp.client: counts the pauses
     between connects and tells a waiting server once the client has retried."""
 
     def __init__(self) -> None:

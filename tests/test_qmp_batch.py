@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import qmp_batch
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
-from ganeti_kvm.qmp import QmpClient
-from ganeti_kvm.qmp_batch import execute_each
+from ganeti_kvm.qmp import batch as qmp_batch
+from ganeti_kvm.qmp.batch import execute_each
+from ganeti_kvm.qmp.client import QmpClient
 from tests.fakeqmp import GREETING, FakeQmp, Peer
 from tests.helpers import BareVm
 

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import cmdline, errors, process
 from ganeti_kvm import constants as c
-from ganeti_kvm.paths import RunDir
+from ganeti_kvm import errors
+from ganeti_kvm.host import process
+from ganeti_kvm.host.paths import RunDir
+from ganeti_kvm.qemu import cmdline
 from tests.helpers import make_instance
 
 PATHS = RunDir("/run/gk").instance("web1")

@@ -8,8 +8,13 @@ import stat
 
 import pytest
 
-from ganeti_kvm import cmdline, errors, fsutil, legacy, qemu_caps, runtime, validation
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors
+from ganeti_kvm.core import legacy, runtime
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.host import fsutil
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu import cmdline
 from tests import legacy2011
 
 
@@ -89,7 +94,7 @@ def test_upgrade_from_the_2011_format(tmp_path) -> None:
 
 
 def test_upgraded_record_rebuilds_a_current_command_line(tmp_path) -> None:
-    from ganeti_kvm.paths import RunDir
+    from ganeti_kvm.host.paths import RunDir
 
     hvp = legacy2011.hvparams_2011(vnc_bind_address="0.0.0.0", usb_mouse="tablet",
                                    use_localtime=True, acpi=False)
@@ -137,7 +142,7 @@ FAKE_CAPS = {"path": "/usr/bin/kvm", "version": [7, 2, 0], "version_text": "7.2.
 
 
 def test_target_argv_keeps_the_devices_in_todays_spelling(tmp_path) -> None:
-    from ganeti_kvm.paths import RunDir
+    from ganeti_kvm.host.paths import RunDir
 
     hvp = legacy2011.hvparams_2011(kvm_flag="disabled", use_localtime=True, acpi=False,
                                    vnc_bind_address="0.0.0.0", use_chroot=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import errors, objects, process
+from ganeti_kvm import errors, objects
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.helpers import SerialReader, guest_hvparams, make_instance
 from tests.test_load import bare_hvparams

@@ -14,9 +14,11 @@ import time
 
 import pytest
 
-from ganeti_kvm import errors, fsutil, locking, objects, process, runtime, uidpool
+from ganeti_kvm import errors, objects
+from ganeti_kvm.core import runtime
+from ganeti_kvm.core.node import KvmNode
+from ganeti_kvm.host import fsutil, locking, process, uidpool
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.lifecycle import KvmNode
 from tests.helpers import guest_hvparams, make_instance
 
 

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm import errors, process, runtime
+from ganeti_kvm import errors
+from ganeti_kvm.core import runtime
 from ganeti_kvm.ganeti3 import bundled
+from ganeti_kvm.host import process
 from tests import ganeti_trees, netns
 from tests.helpers import free_port
 
@@ -390,8 +392,8 @@ def _bundled_argv(run: str, name: str) -> list[str]:
 
 
 def test_a_bundled_runtime_becomes_our_record(short_dir: str) -> None:
-    from ganeti_kvm import paths as gpaths
     from ganeti_kvm.ganeti3 import params
+    from ganeti_kvm.host import paths as gpaths
 
     layout = gpaths.RunDir(short_dir)
     ipaths = layout.instance("c1")
@@ -436,8 +438,8 @@ def test_a_bundled_runtime_becomes_our_record(short_dir: str) -> None:
 
 
 def test_our_record_becomes_a_bundled_runtime_with_the_same_nic_device() -> None:
-    from ganeti_kvm import cmdline
     from ganeti_kvm.ganeti3 import params
+    from ganeti_kvm.qemu import cmdline
 
     ours = ["/usr/bin/qemu-system-x86_64", "-name", "e1", "-m", "64",
             "-chardev", "socket,id=qmp,path=/r/ctrl/e1.qmp,server=on,wait=off",

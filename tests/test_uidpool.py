@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ganeti_kvm import errors, uidpool
-from ganeti_kvm.uidpool import UidPool, expand_uid_pool, format_uid_pool, parse_uid_pool
+from ganeti_kvm import errors
+from ganeti_kvm.host import uidpool
+from ganeti_kvm.host.uidpool import UidPool, expand_uid_pool, format_uid_pool, parse_uid_pool
 
 # High uids no process on a test machine uses.
 BASE = 3_900_000_000

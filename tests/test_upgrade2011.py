@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, process, runtime
+from ganeti_kvm import errors
+from ganeti_kvm.core import runtime
+from ganeti_kvm.host import process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests import legacy2011
 from tests.guestimage import make_disk

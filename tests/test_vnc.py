@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, paths
+from ganeti_kvm import errors
+from ganeti_kvm.host import paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.certs import make_x509_dir
 from tests.helpers import free_vnc_port, make_instance

@@ -12,7 +12,7 @@ console of the other's QEMUs as they are.  What differs is one file,
 ``[kvm_cmd, [NIC.ToDict()], hvparams, [[Disk.ToDict(), link, uri]]]``
 (``kvm_cmd`` without what ``_ExecuteKVMRuntime`` adds at each start:
 NICs, ``-qmp`` monitors, disks, ``-S``, ``-incoming``, ``-runas``, ``-k``),
-ganeti-kvm a versioned record (:mod:`ganeti_kvm.runtime`).  Migrations
+ganeti-kvm a versioned record (:mod:`ganeti_kvm.core.runtime`).  Migrations
 and reboots read it.
 
 The switch converts that file, once, under the instance's lock, and never
@@ -53,11 +53,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ganeti_kvm import cmdline, devices, errors, fsutil, process, runtime
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors
+from ganeti_kvm.core import devices, runtime
+from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.ganeti3 import params
-from ganeti_kvm.lifecycle import KvmNode
-from ganeti_kvm.paths import InstancePaths
+from ganeti_kvm.host import fsutil, process
+from ganeti_kvm.host.paths import InstancePaths
+from ganeti_kvm.qemu import cmdline
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 signatures and kinds (class method, static method or not), and hands Ganeti
 its own types back (see :mod:`ganeti_kvm.ganeti3._ganeti`).  It only adapts
 Ganeti's objects to plain data: the work is done by
-:class:`ganeti_kvm.lifecycle.KvmNode` and :mod:`ganeti_kvm.migration`.
+:class:`ganeti_kvm.core.node.KvmNode` and :mod:`ganeti_kvm.core.migration`.
 
 Every error of the library leaves a public call as Ganeti's
 ``errors.HypervisorError`` (``HotplugError`` for hotplug), with the
@@ -20,11 +20,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from ganeti_kvm import cmdline, errors, hv_base, paths, validation
 from ganeti_kvm import constants as c
-from ganeti_kvm import migration as core_migration
+from ganeti_kvm import errors, hv_base
+from ganeti_kvm.core import migration as core_migration
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.core.node import InstanceSpec, KvmNode
 from ganeti_kvm.ganeti3 import _ganeti, bundled, migration, params
-from ganeti_kvm.lifecycle import InstanceSpec, KvmNode
+from ganeti_kvm.host import paths
+from ganeti_kvm.qemu import cmdline
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     state (default: ``GANETI_KVM_RUN_DIR`` or
     /var/run/ganeti/kvm-hypervisor); ``uid_pool``, ``socat_path``,
     ``ifup_script`` and ``netns`` are those of
-    :class:`ganeti_kvm.lifecycle.KvmNode`.
+    :class:`ganeti_kvm.core.node.KvmNode`.
     """
 
     CAN_MIGRATE = True

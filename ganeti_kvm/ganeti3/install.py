@@ -49,8 +49,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, fsutil, paths
+from ganeti_kvm import errors
 from ganeti_kvm.ganeti3 import bundled
+from ganeti_kvm.host import fsutil, paths
 
 log = logging.getLogger(__name__)
 

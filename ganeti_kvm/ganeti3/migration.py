@@ -5,8 +5,8 @@ daemon processes: ``MigrateInstance`` starts it and returns, the master
 polls ``GetMigrationStatus`` for as long as the status is ``active``, then
 calls ``FinalizeMigrationSource`` (and ``FinalizeMigrationDst`` on the
 target).  The core offers exactly these steps
-(:func:`ganeti_kvm.migration.start`, :func:`~ganeti_kvm.migration.poll`,
-:func:`~ganeti_kvm.migration.finish_source`), with the library's time limit
+(:func:`ganeti_kvm.core.migration.start`, :func:`~ganeti_kvm.core.migration.poll`,
+:func:`~ganeti_kvm.core.migration.finish_source`), with the library's time limit
 and stall timeout kept between the calls in the instance's migration state
 record; this module only maps QEMU's states onto Ganeti's.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ganeti_kvm import migration as core_migration
-from ganeti_kvm.lifecycle import KvmNode
+from ganeti_kvm.core import migration as core_migration
+from ganeti_kvm.core.node import KvmNode
 
 GANETI_ACTIVE, GANETI_COMPLETED, GANETI_FAILED, GANETI_CANCELLED = (
     "active", "completed", "failed", "cancelled")

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import errors, hv_base, validation
+from ganeti_kvm import errors, hv_base
+from ganeti_kvm.core import params as validation
 from ganeti_kvm.ganeti3 import _ganeti
 
 # The keys whose effect the core has, under the same name and meaning: those

@@ -13,7 +13,7 @@ import socket
 import time
 
 from ganeti_kvm import errors
-from ganeti_kvm.qmp import open_monitor_socket
+from ganeti_kvm.qmp.client import open_monitor_socket
 
 PROMPT = b"(qemu) "
 _ESCAPES = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")

@@ -3,7 +3,7 @@ and the capabilities of the QEMU binary.
 
 Nothing here touches the node: the caller resolves users, opens TAP devices
 and checks that files exist.  Which spelling of an option to use is decided
-by asking :class:`~ganeti_kvm.qemu_caps.QemuCaps` by name, never by comparing
+by asking :class:`~ganeti_kvm.qemu.caps.QemuCaps` by name, never by comparing
 versions.
 
 No value reaches QEMU's option parser unchecked.  QEMU reads most options
@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ganeti_kvm import constants as c
-from ganeti_kvm import devices, errors, macaddr
-from ganeti_kvm.devices import DeviceId
-from ganeti_kvm.paths import InstancePaths, check_instance_name
-from ganeti_kvm.qemu_caps import DEFAULT_MACHINE, is_machine_name
+from ganeti_kvm import errors
+from ganeti_kvm.core import devices, macaddr
+from ganeti_kvm.core.devices import DeviceId
+from ganeti_kvm.host.paths import InstancePaths, check_instance_name
+from ganeti_kvm.qemu.caps import DEFAULT_MACHINE, is_machine_name
 
 # QEMU device models for the cluster manager's NIC types
 NIC_MODELS = {
@@ -177,7 +178,7 @@ class BlockDevice:
     path: str
     readonly: bool = False
     uri: str | None = None
-    # How the guest sees it (see :mod:`ganeti_kvm.devices`); None: by position.
+    # How the guest sees it (see :mod:`ganeti_kvm.core.devices`); None: by position.
     device: DeviceId | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,7 +312,7 @@ def log_flags(paths: InstancePaths) -> list[str]:
     """``-D LOG``: QEMU's own output goes to the instance's log, also once daemonized.
 
     ``-D`` takes its value whole, but reads ``%d`` in it as its PID and
-    refuses any other ``%``; see :mod:`ganeti_kvm.qemulog`.
+    refuses any other ``%``; see :mod:`ganeti_kvm.qemu.log`.
     """
     return ["-D", check_value("run_dir", paths.qemu_log, forbidden="%")]
 
@@ -556,7 +557,7 @@ def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
     """``-netdev``/``-device`` pairs for the NICs, their TAP fds inherited by QEMU.
 
     ``name`` (the instance) is for errors: a MAC is checked again here, the
-    last step before QEMU's option parser (see :mod:`ganeti_kvm.macaddr`),
+    last step before QEMU's option parser (see :mod:`ganeti_kvm.core.macaddr`),
     and so is each identity.
     """
     argv: list[str] = []

@@ -1,7 +1,7 @@
 """QMP's wire format: request lines, reply lines, and the errors they become.
 
-Shared by the connection-per-client :mod:`ganeti_kvm.qmp` and the
-many-monitors-at-once :mod:`ganeti_kvm.qmp_batch`, so both send the same
+Shared by the connection-per-client :mod:`ganeti_kvm.qmp.client` and the
+many-monitors-at-once :mod:`ganeti_kvm.qmp.batch`, so both send the same
 bytes and explain a failure in the same words.
 
 Why commands carry ids: QEMU's QMP monitor is one object shared by the

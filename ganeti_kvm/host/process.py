@@ -13,7 +13,8 @@ import signal
 import time
 from typing import NamedTuple
 
-from ganeti_kvm import errors, fsutil
+from ganeti_kvm import errors
+from ganeti_kvm.host import fsutil
 
 
 def read_pidfile(path: str) -> int | None:

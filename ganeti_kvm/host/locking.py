@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from ganeti_kvm import errors, fsutil
+from ganeti_kvm import errors
+from ganeti_kvm.host import fsutil
 
 
 def _open_lock(path: str) -> int:

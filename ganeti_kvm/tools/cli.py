@@ -66,10 +66,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from ganeti_kvm import __version__, errors, objects, paths
+from ganeti_kvm import __version__, errors, objects
 from ganeti_kvm import constants as c
+from ganeti_kvm.core.migration import MigrationStatus
+from ganeti_kvm.host import paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.migration import MigrationStatus
 
 PROG = "ganeti-kvm"
 DEFAULT_STOP_TIMEOUT = 60.0

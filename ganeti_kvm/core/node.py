@@ -22,28 +22,18 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_kvm import (
-    cmdline,
-    devices,
-    errors,
-    fsutil,
-    hmp,
-    ifup,
-    legacy,
-    locking,
-    macaddr,
-    netdev,
-    process,
-    qemu_caps,
-    qemulog,
-    qmp_batch,
-    runtime,
-    uidpool,
-    validation,
-)
 from ganeti_kvm import constants as c
-from ganeti_kvm.paths import InstancePaths, RunDir
-from ganeti_kvm.qmp import QmpClient
+from ganeti_kvm import errors
+from ganeti_kvm.core import devices, legacy, macaddr, runtime
+from ganeti_kvm.core import params as validation
+from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
+from ganeti_kvm.host.paths import InstancePaths, RunDir
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import log as qemulog
+from ganeti_kvm.qmp import batch as qmp_batch
+from ganeti_kvm.qmp import hmp
+from ganeti_kvm.qmp.client import QmpClient
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +211,7 @@ class KvmNode:
         too (a reboot), except on a migration target while a QEMU started by
         the 2011 driver still runs it: the target must then have the same
         devices, so it gets that command line for this node
-        (:func:`ganeti_kvm.legacy.target_argv`).
+        (:func:`ganeti_kvm.core.legacy.target_argv`).
         The machine type is the record's pinned one (refused up front if
         this node's QEMU lacks it), or for a new start this QEMU's ``pc``.
         """
@@ -405,7 +395,7 @@ class KvmNode:
         """``" QEMU said: ..."`` with the tail of ``name``'s QEMU log, or ``""``.
 
         For errors about an instance whose QEMU is gone (see
-        :mod:`ganeti_kvm.qemulog`); read before the log is cleaned up.
+        :mod:`ganeti_kvm.qemu.log`); read before the log is cleaned up.
         """
         return qemulog.quote(self.paths(name).qemu_log)
 
@@ -745,7 +735,7 @@ def assign_devices(record: runtime.RuntimeRecord) -> None:
     """Give each NIC and disk of ``record`` without a device identity a new one, in place.
 
     For a new start: each gets a name and a PCI slot
-    (:func:`ganeti_kvm.devices.allocate`).  Identities already there are
+    (:func:`ganeti_kvm.core.devices.allocate`).  Identities already there are
     kept and their slots avoided.
     """
     hvp = record.hvparams

@@ -34,8 +34,8 @@ from types import TracebackType
 from typing import Any
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout, QmpCommandError
-from ganeti_kvm.qmp_batch import Batch
-from ganeti_kvm.qmp_wire import (
+from ganeti_kvm.qmp.batch import Batch
+from ganeti_kvm.qmp.wire import (
     already_negotiated,
     command_error,
     connect_error,
@@ -203,7 +203,7 @@ class QmpClient:
 
         The id (unique within this client, from a random start) lets a late
         reply to an earlier, timed-out command, or to another client, be
-        recognised and dropped (see :mod:`ganeti_kvm.qmp_wire`).
+        recognised and dropped (see :mod:`ganeti_kvm.qmp.wire`).
         """
         msg_id = next(self._ids)
         self._send(encode_request(command, arguments, msg_id), deadline, command)

@@ -130,12 +130,12 @@ class InstancePaths:
 
     @property
     def migration_state(self) -> str:
-        """The source's record of a migration in progress (see :mod:`ganeti_kvm.migration`)."""
+        """The source's record of a migration in progress (see :mod:`ganeti_kvm.core.migration`)."""
         return os.path.join(self.run_dir.conf_dir, self.name + ".migration")
 
     @property
     def qemu_log(self) -> str:
-        """QEMU's own output (``-D``), emptied at every start; see :mod:`ganeti_kvm.qemulog`."""
+        """QEMU's own output (``-D``), emptied at every start; see :mod:`ganeti_kvm.qemu.log`."""
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".log")
 
     @property

@@ -17,7 +17,8 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from ganeti_kvm import errors, fsutil, locking
+from ganeti_kvm import errors
+from ganeti_kvm.host import fsutil, locking
 
 log = logging.getLogger(__name__)
 

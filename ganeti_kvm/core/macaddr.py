@@ -9,7 +9,7 @@ The address must be a unicast station address (the group bit of the first
 octet clear, not all zeros), which is what QEMU's NIC models need.
 
 Contract-neutral: the core calls :func:`check_nics` on every start (a new
-start, a reboot, a migration target), and :mod:`ganeti_kvm.cmdline` checks
+start, a reboot, a migration target), and :mod:`ganeti_kvm.qemu.cmdline` checks
 each MAC again before it writes the option.
 """
 

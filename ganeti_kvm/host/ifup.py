@@ -20,7 +20,7 @@ from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.netdev import netns_path
+from ganeti_kvm.host.netdev import netns_path
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_ifup(script: str, env: dict[str, str], timeout: float = DEFAULT_TIMEOUT,
     process group is killed.  With ``netns`` (an ``ip netns`` name) it runs as
     ``ip netns exec NETNS SCRIPT``: inside that network namespace with a
     matching ``/sys``, for NICs whose TAP devices were opened there (see
-    :func:`ganeti_kvm.netdev.open_tap`).
+    :func:`ganeti_kvm.host.netdev.open_tap`).
 
     Raises :class:`errors.HypervisorError` with the hook's exit code and
     combined output if it fails, cannot be started or times out.

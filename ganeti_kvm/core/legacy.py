@@ -14,7 +14,7 @@ the target node's paths, in spellings today's QEMU accepts, and adds the
 QMP monitors the library needs; its NICs are added after it as the 2011
 driver added them (:func:`nic_device_2011`, kept in the record as each
 NIC's device identity).  Such a QEMU has only the human monitor,
-so its source side is driven through :mod:`ganeti_kvm.hmp`.
+so its source side is driven through :mod:`ganeti_kvm.qmp.hmp`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ganeti_kvm import cmdline, devices, errors
 from ganeti_kvm import constants as c
-from ganeti_kvm.paths import InstancePaths
+from ganeti_kvm import errors
+from ganeti_kvm.core import devices
+from ganeti_kvm.host.paths import InstancePaths
+from ganeti_kvm.qemu import cmdline
 
 log = logging.getLogger(__name__)
 

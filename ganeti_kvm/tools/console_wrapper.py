@@ -47,7 +47,7 @@ from types import FrameType
 from typing import Any
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout
-from ganeti_kvm.qmp import QmpClient
+from ganeti_kvm.qmp.client import QmpClient
 
 __all__ = [
     "main",

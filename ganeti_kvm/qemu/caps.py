@@ -32,7 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ganeti_kvm import errors, fsutil
+from ganeti_kvm import errors
+from ganeti_kvm.host import fsutil
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ sends ``qmp_capabilities`` and the command in a single write as soon as it
 is open (QEMU handles a monitor's requests in order, so the command runs
 right after negotiation), and all connections progress together under one
 selector: a node's listing takes about as long as its slowest monitor.
-Replies are matched by id (see :mod:`ganeti_kvm.qmp_wire` for why).
+Replies are matched by id (see :mod:`ganeti_kvm.qmp.wire` for why).
 
 Every exchange is bounded by one deadline.  A monitor that is stopped, hung
 or held by another client gives a :class:`MonitorTimeout` for that socket
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ganeti_kvm.errors import MonitorError, MonitorTimeout
-from ganeti_kvm.qmp_wire import (
+from ganeti_kvm.qmp.wire import (
     command_error,
     connect_error,
     decode_message,

@@ -6,7 +6,7 @@ The source side is a few steps, so that a cluster manager that calls back
 * :func:`start` sets bandwidth and downtime, starts QEMU's migration and
   saves a :class:`MigrationState` record (time limit, stall timeout, whether
   the guest was paused for a non-live migration) at
-  :attr:`~ganeti_kvm.paths.InstancePaths.migration_state`;
+  :attr:`~ganeti_kvm.host.paths.InstancePaths.migration_state`;
 * :func:`poll` reads QEMU's progress and enforces the record's limits: a
   migration past its time limit, or one that moved no byte for its stall
   timeout, is cancelled and reported ``failed``.  Any process can poll;
@@ -36,12 +36,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ganeti_kvm import cmdline, errors, fsutil, process, qemu_caps, runtime
 from ganeti_kvm import constants as c
-from ganeti_kvm.hmp import HmpClient, run_state
-from ganeti_kvm.lifecycle import KvmNode
-from ganeti_kvm.paths import InstancePaths
-from ganeti_kvm.qmp import QmpClient
+from ganeti_kvm import errors
+from ganeti_kvm.core import runtime
+from ganeti_kvm.core.node import KvmNode
+from ganeti_kvm.host import fsutil, process
+from ganeti_kvm.host.paths import InstancePaths
+from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qmp.client import QmpClient
+from ganeti_kvm.qmp.hmp import HmpClient, run_state
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ import pwd
 from collections.abc import Mapping
 from typing import Any
 
-from ganeti_kvm import cmdline, errors, hv_base
 from ganeti_kvm import constants as c
+from ganeti_kvm import errors, hv_base
+from ganeti_kvm.qemu import cmdline
 
 
 def _is_ipv4(value: str) -> bool:

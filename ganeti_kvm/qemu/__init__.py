@@ -1,0 +1,1 @@
+"""QEMU itself: its capabilities, its command line, its log."""

@@ -1,0 +1,1 @@
+"""QEMU's monitors: the QMP wire format, one client, batches, and HMP."""
