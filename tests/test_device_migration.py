@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from ganeti_kvm.core import devices
 from ganeti_kvm.core import node as lifecycle
 from ganeti_kvm.host import netdev, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
+from ganeti_kvm.qemu import devices
 from tests import legacy2011
 from tests.guestimage import make_disk
 from tests.helpers import SerialReader, free_port, guest_hvparams, kill_instances, make_instance

@@ -15,12 +15,12 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices, runtime
 from ganeti_kvm.core import node as lifecycle
-from ganeti_kvm.core.devices import DeviceId
+from ganeti_kvm.core import runtime
 from ganeti_kvm.ganeti3 import bundled, params
 from ganeti_kvm.host.paths import RunDir
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, devices
+from ganeti_kvm.qemu.devices import DeviceId
 from tests import legacy2011
 from tests.test_cmdline import PATHS, Caps72, hvp, option_values
 

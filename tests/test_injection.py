@@ -22,12 +22,11 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors, objects
-from ganeti_kvm.core import macaddr
 from ganeti_kvm.core import params as validation
 from ganeti_kvm.core.node import InstanceSpec
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, macaddr
 from ganeti_kvm.qmp import client as qmp
 from tests.helpers import kill_instances, make_instance
 from tests.netns import netns, skip_unless_netns

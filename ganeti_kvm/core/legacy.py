@@ -26,9 +26,8 @@ from typing import Any, Protocol
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices
 from ganeti_kvm.host.paths import InstancePaths
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, devices
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices, legacy, macaddr, runtime
+from ganeti_kvm.core import legacy, runtime
 from ganeti_kvm.core import params as validation
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
 from ganeti_kvm.host.paths import InstancePaths, RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, devices, macaddr
 from ganeti_kvm.qemu import log as qemulog
 from ganeti_kvm.qmp import batch as qmp_batch
 from ganeti_kvm.qmp import hmp
@@ -735,7 +735,7 @@ def assign_devices(record: runtime.RuntimeRecord) -> None:
     """Give each NIC and disk of ``record`` without a device identity a new one, in place.
 
     For a new start: each gets a name and a PCI slot
-    (:func:`ganeti_kvm.core.devices.allocate`).  Identities already there are
+    (:func:`ganeti_kvm.qemu.devices.allocate`).  Identities already there are
     kept and their slots avoided.
     """
     hvp = record.hvparams

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices, legacy
+from ganeti_kvm.core import legacy
 from ganeti_kvm.host import fsutil
 from ganeti_kvm.qemu import caps as qemu_caps
+from ganeti_kvm.qemu import devices
 
 RECORD_KIND = "ganeti-kvm-runtime"
 RECORD_VERSION = 1
@@ -32,7 +33,7 @@ class RuntimeRecord:
     dicts with the tap name each got (``tap``); ``disks`` are
     ``{"disk": dict, "path": str, "uri": str | None}`` entries.  Each NIC
     and disk entry keeps its device identity under ``"device"`` (see
-    :mod:`ganeti_kvm.core.devices`); an entry without one (a record written
+    :mod:`ganeti_kvm.qemu.devices`); an entry without one (a record written
     before identities were kept) runs with the ones by position.
     """
 
@@ -137,7 +138,7 @@ def _with_identities(record: RuntimeRecord, source: str) -> RuntimeRecord:
 
     An entry without one comes from a record written before identities were
     kept: its instance runs with the names by position, which the command
-    line gives such an entry (see :func:`ganeti_kvm.core.devices.positional_nic`).
+    line gives such an entry (see :func:`ganeti_kvm.qemu.devices.positional_nic`).
     """
     for kind, entries in (("NIC", record.nics), ("disk", record.disks)):
         for index, entry in enumerate(entries):

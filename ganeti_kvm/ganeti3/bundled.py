@@ -55,12 +55,12 @@ from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices, runtime
+from ganeti_kvm.core import runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.ganeti3 import params
 from ganeti_kvm.host import fsutil, process
 from ganeti_kvm.host.paths import InstancePaths
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, devices
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from typing import Any, Protocol
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import devices, macaddr
-from ganeti_kvm.core.devices import DeviceId
 from ganeti_kvm.host.paths import InstancePaths, check_instance_name
+from ganeti_kvm.qemu import devices, macaddr
 from ganeti_kvm.qemu.caps import DEFAULT_MACHINE, is_machine_name
+from ganeti_kvm.qemu.devices import DeviceId
 
 # QEMU device models for the cluster manager's NIC types
 NIC_MODELS = {
@@ -178,7 +178,7 @@ class BlockDevice:
     path: str
     readonly: bool = False
     uri: str | None = None
-    # How the guest sees it (see :mod:`ganeti_kvm.core.devices`); None: by position.
+    # How the guest sees it (see :mod:`ganeti_kvm.qemu.devices`); None: by position.
     device: DeviceId | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -557,7 +557,7 @@ def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
     """``-netdev``/``-device`` pairs for the NICs, their TAP fds inherited by QEMU.
 
     ``name`` (the instance) is for errors: a MAC is checked again here, the
-    last step before QEMU's option parser (see :mod:`ganeti_kvm.core.macaddr`),
+    last step before QEMU's option parser (see :mod:`ganeti_kvm.qemu.macaddr`),
     and so is each identity.
     """
     argv: list[str] = []
