@@ -1,189 +1,137 @@
-"""Names and values shared with the cluster manager.
+"""Names and values shared with the cluster manager (the 2011 contract).
 
 Every name here keeps the spelling and the value of the cluster manager's
 ``ganeti.constants`` so that code written against its KVM driver ports by
-changing the import.  Paths of the programs this library ships are computed
-from the package location, so they are right for an installed package and
-for an editable checkout alike.
+changing the import.  The names the core works with (parameter keys and
+values, node paths, states) are the core's own, :mod:`ganeti_kvm.core.names`,
+re-exported here; this module adds what only this contract has: the
+hypervisor type, the parameter type table under its 2011 name, the cluster
+defaults, the console kinds, the backend and NIC defaults.
 """
 
 from __future__ import annotations
 
-import os as _os
+from ganeti_kvm.core import names as _names
+from ganeti_kvm.core.names import BE_MEMORY as BE_MEMORY
+from ganeti_kvm.core.names import BE_VCPUS as BE_VCPUS
+from ganeti_kvm.core.names import DEFAULT_RUN_DIR as DEFAULT_RUN_DIR
+from ganeti_kvm.core.names import DISK_ACCESS_SET as DISK_ACCESS_SET
+from ganeti_kvm.core.names import DISK_RDONLY as DISK_RDONLY
+from ganeti_kvm.core.names import DISK_RDWR as DISK_RDWR
+from ganeti_kvm.core.names import HT_BO_CDROM as HT_BO_CDROM
+from ganeti_kvm.core.names import HT_BO_DISK as HT_BO_DISK
+from ganeti_kvm.core.names import HT_BO_FLOPPY as HT_BO_FLOPPY
+from ganeti_kvm.core.names import HT_BO_NETWORK as HT_BO_NETWORK
+from ganeti_kvm.core.names import HT_CACHE_DEFAULT as HT_CACHE_DEFAULT
+from ganeti_kvm.core.names import HT_CACHE_NONE as HT_CACHE_NONE
+from ganeti_kvm.core.names import HT_CACHE_WBACK as HT_CACHE_WBACK
+from ganeti_kvm.core.names import HT_CACHE_WTHROUGH as HT_CACHE_WTHROUGH
+from ganeti_kvm.core.names import HT_DISK_IDE as HT_DISK_IDE
+from ganeti_kvm.core.names import HT_DISK_IOEMU as HT_DISK_IOEMU
+from ganeti_kvm.core.names import HT_DISK_MTD as HT_DISK_MTD
+from ganeti_kvm.core.names import HT_DISK_PARAVIRTUAL as HT_DISK_PARAVIRTUAL
+from ganeti_kvm.core.names import HT_DISK_PFLASH as HT_DISK_PFLASH
+from ganeti_kvm.core.names import HT_DISK_SCSI as HT_DISK_SCSI
+from ganeti_kvm.core.names import HT_DISK_SD as HT_DISK_SD
+from ganeti_kvm.core.names import HT_KVM_DISABLED as HT_KVM_DISABLED
+from ganeti_kvm.core.names import HT_KVM_ENABLED as HT_KVM_ENABLED
+from ganeti_kvm.core.names import HT_KVM_FLAG_VALUES as HT_KVM_FLAG_VALUES
+from ganeti_kvm.core.names import HT_KVM_VALID_BO_TYPES as HT_KVM_VALID_BO_TYPES
+from ganeti_kvm.core.names import HT_KVM_VALID_DISK_TYPES as HT_KVM_VALID_DISK_TYPES
+from ganeti_kvm.core.names import HT_KVM_VALID_MOUSE_TYPES as HT_KVM_VALID_MOUSE_TYPES
+from ganeti_kvm.core.names import HT_KVM_VALID_NIC_TYPES as HT_KVM_VALID_NIC_TYPES
+from ganeti_kvm.core.names import HT_KVM_VALID_SM_TYPES as HT_KVM_VALID_SM_TYPES
+from ganeti_kvm.core.names import HT_MIGRATION_LIVE as HT_MIGRATION_LIVE
+from ganeti_kvm.core.names import HT_MIGRATION_MODES as HT_MIGRATION_MODES
+from ganeti_kvm.core.names import HT_MIGRATION_NONLIVE as HT_MIGRATION_NONLIVE
+from ganeti_kvm.core.names import HT_MOUSE_MOUSE as HT_MOUSE_MOUSE
+from ganeti_kvm.core.names import HT_MOUSE_TABLET as HT_MOUSE_TABLET
+from ganeti_kvm.core.names import HT_NIC_E1000 as HT_NIC_E1000
+from ganeti_kvm.core.names import HT_NIC_I8259ER as HT_NIC_I8259ER
+from ganeti_kvm.core.names import HT_NIC_I82551 as HT_NIC_I82551
+from ganeti_kvm.core.names import HT_NIC_I85557B as HT_NIC_I85557B
+from ganeti_kvm.core.names import HT_NIC_NE2K_ISA as HT_NIC_NE2K_ISA
+from ganeti_kvm.core.names import HT_NIC_NE2K_PCI as HT_NIC_NE2K_PCI
+from ganeti_kvm.core.names import HT_NIC_PARAVIRTUAL as HT_NIC_PARAVIRTUAL
+from ganeti_kvm.core.names import HT_NIC_PCNET as HT_NIC_PCNET
+from ganeti_kvm.core.names import HT_NIC_RTL8139 as HT_NIC_RTL8139
+from ganeti_kvm.core.names import HT_SM_NONE as HT_SM_NONE
+from ganeti_kvm.core.names import HT_SM_POOL as HT_SM_POOL
+from ganeti_kvm.core.names import HT_SM_USER as HT_SM_USER
+from ganeti_kvm.core.names import HT_VALID_CACHE_TYPES as HT_VALID_CACHE_TYPES
+from ganeti_kvm.core.names import HV_ACPI as HV_ACPI
+from ganeti_kvm.core.names import HV_BOOT_ORDER as HV_BOOT_ORDER
+from ganeti_kvm.core.names import HV_CDROM_IMAGE_PATH as HV_CDROM_IMAGE_PATH
+from ganeti_kvm.core.names import HV_DISK_CACHE as HV_DISK_CACHE
+from ganeti_kvm.core.names import HV_DISK_TYPE as HV_DISK_TYPE
+from ganeti_kvm.core.names import HV_INITRD_PATH as HV_INITRD_PATH
+from ganeti_kvm.core.names import HV_KERNEL_ARGS as HV_KERNEL_ARGS
+from ganeti_kvm.core.names import HV_KERNEL_PATH as HV_KERNEL_PATH
+from ganeti_kvm.core.names import HV_KEYMAP as HV_KEYMAP
+from ganeti_kvm.core.names import HV_KVM_CDROM2_IMAGE_PATH as HV_KVM_CDROM2_IMAGE_PATH
+from ganeti_kvm.core.names import HV_KVM_CDROM_DISK_TYPE as HV_KVM_CDROM_DISK_TYPE
+from ganeti_kvm.core.names import HV_KVM_FLAG as HV_KVM_FLAG
+from ganeti_kvm.core.names import HV_KVM_FLOPPY_IMAGE_PATH as HV_KVM_FLOPPY_IMAGE_PATH
+from ganeti_kvm.core.names import HV_KVM_PATH as HV_KVM_PATH
+from ganeti_kvm.core.names import HV_KVM_SPICE_BIND as HV_KVM_SPICE_BIND
+from ganeti_kvm.core.names import HV_KVM_SPICE_IP_VERSION as HV_KVM_SPICE_IP_VERSION
+from ganeti_kvm.core.names import HV_KVM_USE_CHROOT as HV_KVM_USE_CHROOT
+from ganeti_kvm.core.names import HV_MEM_PATH as HV_MEM_PATH
+from ganeti_kvm.core.names import HV_MIGRATION_BANDWIDTH as HV_MIGRATION_BANDWIDTH
+from ganeti_kvm.core.names import HV_MIGRATION_DOWNTIME as HV_MIGRATION_DOWNTIME
+from ganeti_kvm.core.names import HV_MIGRATION_MODE as HV_MIGRATION_MODE
+from ganeti_kvm.core.names import HV_MIGRATION_PORT as HV_MIGRATION_PORT
+from ganeti_kvm.core.names import HV_NIC_TYPE as HV_NIC_TYPE
+from ganeti_kvm.core.names import HV_REBOOT_BEHAVIOR as HV_REBOOT_BEHAVIOR
+from ganeti_kvm.core.names import HV_ROOT_PATH as HV_ROOT_PATH
+from ganeti_kvm.core.names import HV_SECURITY_DOMAIN as HV_SECURITY_DOMAIN
+from ganeti_kvm.core.names import HV_SECURITY_MODEL as HV_SECURITY_MODEL
+from ganeti_kvm.core.names import HV_SERIAL_CONSOLE as HV_SERIAL_CONSOLE
+from ganeti_kvm.core.names import HV_SERIAL_SPEED as HV_SERIAL_SPEED
+from ganeti_kvm.core.names import HV_STATE_PAUSED as HV_STATE_PAUSED
+from ganeti_kvm.core.names import HV_STATE_RUNNING as HV_STATE_RUNNING
+from ganeti_kvm.core.names import HV_STATE_UNKNOWN as HV_STATE_UNKNOWN
+from ganeti_kvm.core.names import HV_USB_MOUSE as HV_USB_MOUSE
+from ganeti_kvm.core.names import HV_USE_LOCALTIME as HV_USE_LOCALTIME
+from ganeti_kvm.core.names import HV_VHOST_NET as HV_VHOST_NET
+from ganeti_kvm.core.names import HV_VNC_BIND_ADDRESS as HV_VNC_BIND_ADDRESS
+from ganeti_kvm.core.names import HV_VNC_PASSWORD_FILE as HV_VNC_PASSWORD_FILE
+from ganeti_kvm.core.names import HV_VNC_TLS as HV_VNC_TLS
+from ganeti_kvm.core.names import HV_VNC_X509 as HV_VNC_X509
+from ganeti_kvm.core.names import HV_VNC_X509_VERIFY as HV_VNC_X509_VERIFY
+from ganeti_kvm.core.names import IFACE_NO_IP_VERSION_SPECIFIED as IFACE_NO_IP_VERSION_SPECIFIED
+from ganeti_kvm.core.names import INSTANCE_REBOOT_ALLOWED as INSTANCE_REBOOT_ALLOWED
+from ganeti_kvm.core.names import INSTANCE_REBOOT_EXIT as INSTANCE_REBOOT_EXIT
+from ganeti_kvm.core.names import IP4_ADDRESS_ANY as IP4_ADDRESS_ANY
+from ganeti_kvm.core.names import IP4_VERSION as IP4_VERSION
+from ganeti_kvm.core.names import IP6_VERSION as IP6_VERSION
+from ganeti_kvm.core.names import KVM_CONSOLE_WRAPPER as KVM_CONSOLE_WRAPPER
+from ganeti_kvm.core.names import KVM_IFUP as KVM_IFUP
+from ganeti_kvm.core.names import KVM_PATH as KVM_PATH
+from ganeti_kvm.core.names import NIC_LINK as NIC_LINK
+from ganeti_kvm.core.names import NIC_MODE as NIC_MODE
+from ganeti_kvm.core.names import NIC_MODE_BRIDGED as NIC_MODE_BRIDGED
+from ganeti_kvm.core.names import NIC_MODE_ROUTED as NIC_MODE_ROUTED
+from ganeti_kvm.core.names import NIC_VALID_MODES as NIC_VALID_MODES
+from ganeti_kvm.core.names import REBOOT_BEHAVIORS as REBOOT_BEHAVIORS
+from ganeti_kvm.core.names import RUN_DIR_ENV as RUN_DIR_ENV
+from ganeti_kvm.core.names import SOCAT_PATH as SOCAT_PATH
+from ganeti_kvm.core.names import VALID_IP_VERSIONS as VALID_IP_VERSIONS
+from ganeti_kvm.core.names import VALID_SERIAL_SPEEDS as VALID_SERIAL_SPEEDS
+from ganeti_kvm.core.names import VNC_BASE_PORT as VNC_BASE_PORT
+from ganeti_kvm.core.names import VTYPE_BOOL as VTYPE_BOOL
+from ganeti_kvm.core.names import VTYPE_INT as VTYPE_INT
+from ganeti_kvm.core.names import VTYPE_MAYBE_STRING as VTYPE_MAYBE_STRING
+from ganeti_kvm.core.names import VTYPE_STRING as VTYPE_STRING
 
 # Hypervisor types
 HT_KVM = "kvm"
 HYPER_TYPES = frozenset([HT_KVM])
 
-# Hypervisor parameter names (the cluster manager's spelling and values)
-HV_KERNEL_PATH = "kernel_path"
-HV_INITRD_PATH = "initrd_path"
-HV_ROOT_PATH = "root_path"
-HV_KERNEL_ARGS = "kernel_args"
-HV_ACPI = "acpi"
-HV_SERIAL_CONSOLE = "serial_console"
-HV_SERIAL_SPEED = "serial_speed"
-HV_VNC_BIND_ADDRESS = "vnc_bind_address"
-HV_VNC_TLS = "vnc_tls"
-HV_VNC_X509 = "vnc_x509_path"
-HV_VNC_X509_VERIFY = "vnc_x509_verify"
-HV_VNC_PASSWORD_FILE = "vnc_password_file"
-HV_KVM_SPICE_BIND = "spice_bind"
-HV_KVM_SPICE_IP_VERSION = "spice_ip_version"
-HV_KEYMAP = "keymap"
-HV_REBOOT_BEHAVIOR = "reboot_behavior"
-HV_KVM_FLOPPY_IMAGE_PATH = "floppy_image_path"
-HV_CDROM_IMAGE_PATH = "cdrom_image_path"
-HV_KVM_CDROM2_IMAGE_PATH = "cdrom2_image_path"
-HV_BOOT_ORDER = "boot_order"
-HV_NIC_TYPE = "nic_type"
-HV_DISK_TYPE = "disk_type"
-HV_KVM_CDROM_DISK_TYPE = "cdrom_disk_type"
-HV_USB_MOUSE = "usb_mouse"
-HV_MIGRATION_PORT = "migration_port"
-HV_MIGRATION_BANDWIDTH = "migration_bandwidth"
-HV_MIGRATION_DOWNTIME = "migration_downtime"
-HV_MIGRATION_MODE = "migration_mode"
-HV_USE_LOCALTIME = "use_localtime"
-HV_DISK_CACHE = "disk_cache"
-HV_SECURITY_MODEL = "security_model"
-HV_SECURITY_DOMAIN = "security_domain"
-HV_KVM_FLAG = "kvm_flag"
-HV_VHOST_NET = "vhost_net"
-HV_KVM_USE_CHROOT = "use_chroot"
-HV_MEM_PATH = "mem_path"
-HV_KVM_PATH = "kvm_path"
+# The value type of every hypervisor parameter
+HVS_PARAMETER_TYPES = _names.PARAMETER_TYPES
+HVS_PARAMETERS = _names.PARAMETER_KEYS
 
-# Value types of hypervisor parameters
-VTYPE_STRING = "string"
-VTYPE_MAYBE_STRING = "maybe-string"
-VTYPE_BOOL = "bool"
-VTYPE_INT = "int"
-
-HVS_PARAMETER_TYPES = {
-    HV_KERNEL_PATH: VTYPE_STRING,
-    HV_INITRD_PATH: VTYPE_STRING,
-    HV_ROOT_PATH: VTYPE_MAYBE_STRING,
-    HV_KERNEL_ARGS: VTYPE_STRING,
-    HV_ACPI: VTYPE_BOOL,
-    HV_SERIAL_CONSOLE: VTYPE_BOOL,
-    HV_SERIAL_SPEED: VTYPE_INT,
-    HV_VNC_BIND_ADDRESS: VTYPE_STRING,
-    HV_VNC_TLS: VTYPE_BOOL,
-    HV_VNC_X509: VTYPE_STRING,
-    HV_VNC_X509_VERIFY: VTYPE_BOOL,
-    HV_VNC_PASSWORD_FILE: VTYPE_STRING,
-    HV_KVM_SPICE_BIND: VTYPE_STRING,
-    HV_KVM_SPICE_IP_VERSION: VTYPE_INT,
-    HV_KEYMAP: VTYPE_STRING,
-    HV_REBOOT_BEHAVIOR: VTYPE_STRING,
-    HV_KVM_FLOPPY_IMAGE_PATH: VTYPE_STRING,
-    HV_CDROM_IMAGE_PATH: VTYPE_STRING,
-    HV_KVM_CDROM2_IMAGE_PATH: VTYPE_STRING,
-    HV_BOOT_ORDER: VTYPE_STRING,
-    HV_NIC_TYPE: VTYPE_STRING,
-    HV_DISK_TYPE: VTYPE_STRING,
-    HV_KVM_CDROM_DISK_TYPE: VTYPE_STRING,
-    HV_USB_MOUSE: VTYPE_STRING,
-    HV_MIGRATION_PORT: VTYPE_INT,
-    HV_MIGRATION_BANDWIDTH: VTYPE_INT,
-    HV_MIGRATION_DOWNTIME: VTYPE_INT,
-    HV_MIGRATION_MODE: VTYPE_STRING,
-    HV_USE_LOCALTIME: VTYPE_BOOL,
-    HV_DISK_CACHE: VTYPE_STRING,
-    HV_SECURITY_MODEL: VTYPE_STRING,
-    HV_SECURITY_DOMAIN: VTYPE_STRING,
-    HV_KVM_FLAG: VTYPE_STRING,
-    HV_VHOST_NET: VTYPE_BOOL,
-    HV_KVM_USE_CHROOT: VTYPE_BOOL,
-    HV_MEM_PATH: VTYPE_STRING,
-    HV_KVM_PATH: VTYPE_STRING,
-}
-HVS_PARAMETERS = frozenset(HVS_PARAMETER_TYPES)
-
-# Boot order
-HT_BO_FLOPPY = "floppy"
-HT_BO_CDROM = "cdrom"
-HT_BO_DISK = "disk"
-HT_BO_NETWORK = "network"
-HT_KVM_VALID_BO_TYPES = frozenset([HT_BO_FLOPPY, HT_BO_CDROM, HT_BO_DISK, HT_BO_NETWORK])
-
-# NIC models
-HT_NIC_RTL8139 = "rtl8139"
-HT_NIC_NE2K_PCI = "ne2k_pci"
-HT_NIC_NE2K_ISA = "ne2k_isa"
-HT_NIC_I82551 = "i82551"
-HT_NIC_I85557B = "i82557b"
-HT_NIC_I8259ER = "i82559er"
-HT_NIC_PCNET = "pcnet"
-HT_NIC_E1000 = "e1000"
-HT_NIC_PARAVIRTUAL = HT_DISK_PARAVIRTUAL = "paravirtual"
-HT_KVM_VALID_NIC_TYPES = frozenset([
-    HT_NIC_RTL8139, HT_NIC_NE2K_PCI, HT_NIC_NE2K_ISA, HT_NIC_I82551,
-    HT_NIC_I85557B, HT_NIC_I8259ER, HT_NIC_PCNET, HT_NIC_E1000,
-    HT_NIC_PARAVIRTUAL,
-])
-
-# Disk types
-HT_DISK_IOEMU = "ioemu"
-HT_DISK_IDE = "ide"
-HT_DISK_SCSI = "scsi"
-HT_DISK_SD = "sd"
-HT_DISK_MTD = "mtd"
-HT_DISK_PFLASH = "pflash"
-HT_KVM_VALID_DISK_TYPES = frozenset([
-    HT_DISK_PARAVIRTUAL, HT_DISK_IDE, HT_DISK_SCSI, HT_DISK_SD,
-    HT_DISK_MTD, HT_DISK_PFLASH,
-])
-
-# Disk cache modes
-HT_CACHE_DEFAULT = "default"
-HT_CACHE_NONE = "none"
-HT_CACHE_WTHROUGH = "writethrough"
-HT_CACHE_WBACK = "writeback"
-HT_VALID_CACHE_TYPES = frozenset([
-    HT_CACHE_DEFAULT, HT_CACHE_NONE, HT_CACHE_WTHROUGH, HT_CACHE_WBACK,
-])
-
-# USB pointing devices
-HT_MOUSE_MOUSE = "mouse"
-HT_MOUSE_TABLET = "tablet"
-HT_KVM_VALID_MOUSE_TYPES = frozenset([HT_MOUSE_MOUSE, HT_MOUSE_TABLET])
-
-# Security models
-HT_SM_NONE = "none"
-HT_SM_USER = "user"
-HT_SM_POOL = "pool"
-HT_KVM_VALID_SM_TYPES = frozenset([HT_SM_NONE, HT_SM_USER, HT_SM_POOL])
-
-# KVM acceleration
-HT_KVM_ENABLED = "enabled"
-HT_KVM_DISABLED = "disabled"
-HT_KVM_FLAG_VALUES = frozenset([HT_KVM_ENABLED, HT_KVM_DISABLED])
-
-# Migration
-HT_MIGRATION_LIVE = "live"
-HT_MIGRATION_NONLIVE = "non-live"
-HT_MIGRATION_MODES = frozenset([HT_MIGRATION_LIVE, HT_MIGRATION_NONLIVE])
-
-# What a guest's reboot does (HV_REBOOT_BEHAVIOR)
-INSTANCE_REBOOT_ALLOWED = "reboot"
-INSTANCE_REBOOT_EXIT = "exit"
-REBOOT_BEHAVIORS = frozenset([INSTANCE_REBOOT_ALLOWED, INSTANCE_REBOOT_EXIT])
-
-# IP versions (HV_KVM_SPICE_IP_VERSION); 0 leaves the choice to the address
-IFACE_NO_IP_VERSION_SPECIFIED = 0
-IP4_VERSION = 4
-IP6_VERSION = 6
-VALID_IP_VERSIONS = frozenset([IP4_VERSION, IP6_VERSION])
-
-# Serial line speeds QEMU's chardev and the kernel's console agree on
-VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
-                       14400, 19200, 28800, 38400, 57600, 115200, 230400,
-                       345600, 460800)
-
-KVM_PATH = "/usr/bin/kvm"
-SOCAT_PATH = "/usr/bin/socat"
 # socat's raw mode with an escape key (Ctrl+]) for serial consoles
 SOCAT_USE_ESCAPE = True
 SOCAT_ESCAPE_CODE = "0x1d"
@@ -196,69 +144,17 @@ DT_SHARED_FILE = "sharedfile"
 DT_BLOCK = "blockdev"
 DTS_EXT_MIRROR = frozenset([DT_SHARED_FILE, DT_BLOCK])
 
-# The cluster defaults.  Every key and value of the 2011 driver's (Ganeti
-# 2.5), plus kvm_path and serial_speed, which later Ganeti versions added
-# with these same defaults.
-HVC_DEFAULTS = {
-    HT_KVM: {
-        HV_KVM_PATH: KVM_PATH,
-        HV_KERNEL_PATH: "/boot/vmlinuz-2.6-kvmU",
-        HV_INITRD_PATH: "",
-        HV_KERNEL_ARGS: "ro",
-        HV_ROOT_PATH: "/dev/vda1",
-        HV_ACPI: True,
-        HV_SERIAL_CONSOLE: True,
-        HV_SERIAL_SPEED: 38400,
-        HV_VNC_BIND_ADDRESS: "",
-        HV_VNC_TLS: False,
-        HV_VNC_X509: "",
-        HV_VNC_X509_VERIFY: False,
-        HV_VNC_PASSWORD_FILE: "",
-        HV_KVM_SPICE_BIND: "",
-        HV_KVM_SPICE_IP_VERSION: IFACE_NO_IP_VERSION_SPECIFIED,
-        HV_KVM_FLOPPY_IMAGE_PATH: "",
-        HV_CDROM_IMAGE_PATH: "",
-        HV_KVM_CDROM2_IMAGE_PATH: "",
-        HV_BOOT_ORDER: HT_BO_DISK,
-        HV_NIC_TYPE: HT_NIC_PARAVIRTUAL,
-        HV_DISK_TYPE: HT_DISK_PARAVIRTUAL,
-        HV_KVM_CDROM_DISK_TYPE: "",
-        HV_USB_MOUSE: "",
-        HV_KEYMAP: "",
-        HV_MIGRATION_PORT: 8102,
-        HV_MIGRATION_BANDWIDTH: 32,
-        HV_MIGRATION_DOWNTIME: 30,
-        HV_MIGRATION_MODE: HT_MIGRATION_LIVE,
-        HV_USE_LOCALTIME: False,
-        HV_DISK_CACHE: HT_CACHE_DEFAULT,
-        HV_SECURITY_MODEL: HT_SM_NONE,
-        HV_SECURITY_DOMAIN: "",
-        HV_KVM_FLAG: "",
-        HV_VHOST_NET: False,
-        HV_KVM_USE_CHROOT: False,
-        HV_MEM_PATH: "",
-        HV_REBOOT_BEHAVIOR: INSTANCE_REBOOT_ALLOWED,
-    },
-}
+# The cluster defaults: the core's (every key and value of the 2011 driver's,
+# Ganeti 2.5, plus kvm_path and serial_speed, which later Ganeti versions
+# added with these same defaults).
+HVC_DEFAULTS = {HT_KVM: _names.DEFAULTS}
 
 # Backend parameters
-BE_MEMORY = "memory"
-BE_VCPUS = "vcpus"
 BE_AUTO_BALANCE = "auto_balance"
 BEC_DEFAULTS = {BE_MEMORY: 128, BE_VCPUS: 1, BE_AUTO_BALANCE: True}
 
 # NIC parameters
-NIC_MODE = "mode"
-NIC_LINK = "link"
-NIC_MODE_BRIDGED = "bridged"
-NIC_MODE_ROUTED = "routed"
-NIC_VALID_MODES = frozenset([NIC_MODE_BRIDGED, NIC_MODE_ROUTED])
 NICC_DEFAULTS = {NIC_MODE: NIC_MODE_BRIDGED, NIC_LINK: ""}
-
-# Disk access modes
-DISK_RDONLY = "ro"
-DISK_RDWR = "rw"
-DISK_ACCESS_SET = frozenset([DISK_RDONLY, DISK_RDWR])
 
 # Console kinds
 CONS_SSH = "ssh"
@@ -266,21 +162,3 @@ CONS_VNC = "vnc"
 CONS_SPICE = "spice"
 CONS_MESSAGE = "msg"
 CONS_ALL = frozenset([CONS_SSH, CONS_VNC, CONS_SPICE, CONS_MESSAGE])
-
-VNC_BASE_PORT = 5900
-# The address to listen on everywhere (the cluster manager's IP4_ADDRESS_ANY)
-IP4_ADDRESS_ANY = "0.0.0.0"
-
-# Where every instance's runtime state lives unless told otherwise
-RUN_DIR_ENV = "GANETI_KVM_RUN_DIR"
-DEFAULT_RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
-
-# Programs shipped with this package
-_TOOLS_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "tools")
-KVM_CONSOLE_WRAPPER = _os.path.join(_TOOLS_DIR, "kvm-console-wrapper")
-KVM_IFUP = _os.path.join(_TOOLS_DIR, "kvm-ifup")
-
-# Instance states as reported by GetInstanceInfo
-HV_STATE_RUNNING = "running"
-HV_STATE_PAUSED = "paused"
-HV_STATE_UNKNOWN = "unknown"  # the process lives but its monitor does not answer

@@ -74,7 +74,10 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     """
 
     CAN_MIGRATE = True
-    PARAMETERS = validation.PARAMETERS
+    # The 2011 contract's keys, each with the core's check (the core's table,
+    # in its order, restricted to constants.HVS_PARAMETERS).
+    PARAMETERS = {key: check for key, check in validation.PARAMETERS.items()
+                  if key in c.HVS_PARAMETERS}
     PARAMETER_TYPES = dict(c.HVS_PARAMETER_TYPES)
 
     def __init__(self, run_dir: str | None = None, uid_pool: str | None = None,

@@ -24,8 +24,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.host.paths import InstancePaths
 from ganeti_kvm.qemu import cmdline, devices
 
@@ -98,7 +98,7 @@ def _network_port(argv: Sequence[str]) -> int | None:
 
 def _hvparams(old: Mapping[str, Any], kvm_path: str, name: str) -> dict[str, Any]:
     """Today's hvparams from the 2011 ones: known keys kept, the rest filled."""
-    known = c.HVC_DEFAULTS[c.HT_KVM]
+    known = c.DEFAULTS
     hvparams = dict(known)
     hvparams.update({k: v for k, v in old.items() if k in known})
     hvparams[c.HV_KVM_PATH] = kvm_path

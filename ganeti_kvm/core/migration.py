@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.core import runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.host import fsutil, process

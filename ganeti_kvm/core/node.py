@@ -22,9 +22,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
 from ganeti_kvm.core import legacy, runtime
+from ganeti_kvm.core import names as c
 from ganeti_kvm.core import params as validation
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
 from ganeti_kvm.host.paths import InstancePaths, RunDir

@@ -1,9 +1,18 @@
-"""The KVM hypervisor's parameters: the table, the cross-checks, the node checks.
+"""The core's hypervisor parameters: the checks, the table, the node checks.
 
-``PARAMETERS`` is data: one check per key, applied by the generic code of
-:mod:`ganeti_kvm.hv_base`.  :func:`check_syntax` adds the checks that involve
-several keys (pure); :func:`check_node` checks what only the node can know:
-users, devices and what the QEMU binary supports.
+A parameter table is data: it maps every key to a five-tuple
+``(required, check_fn, check_msg, prereq_fn, prereq_msg)``.  ``check_fn`` is
+a pure syntax check (run anywhere, touches nothing); ``prereq_fn`` is checked
+on the node (a file exists, a directory exists).  The generic code here
+applies a table; the check helpers (``ParamInSet``, ``OPT_FILE_CHECK``...)
+keep the cluster manager's names, and :mod:`ganeti_kvm.hv_base` offers them
+under those names to the 2011 contract.
+
+``PARAMETERS`` is the core's table: one check per key the core implements
+(:mod:`ganeti_kvm.core.names`).  :func:`check_syntax` adds the checks that
+involve several keys (pure); :func:`check_node` checks what only the node
+can know: users, devices and what the QEMU binary supports.  Each contract
+derives its own table from this one.
 """
 
 from __future__ import annotations
@@ -11,12 +20,192 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ganeti_kvm import constants as c
-from ganeti_kvm import errors, hv_base
+from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.qemu import cmdline
+
+Check = tuple[bool, Callable[[Any], bool] | None, str | None,
+              Callable[[Any], bool] | None, str | None]
+
+
+MAX_PATH_BYTES = 4095  # PATH_MAX less the final NUL
+MAX_TEXT_BYTES = 4096  # a text value for QEMU's command line (cmdline.MAX_VALUE_BYTES)
+
+
+def _fits(value: str, limit: int) -> bool:
+    """Whether ``value`` is at most ``limit`` bytes in the file system encoding."""
+    try:
+        return len(os.fsencode(value)) <= limit
+    except UnicodeError:
+        return False  # not text a path or an argument can carry
+
+
+def _is_clean_abs_path(value: Any) -> bool:
+    """An absolute, normalised path without characters that break QEMU options."""
+    return (isinstance(value, str) and not any(c in value for c in ",\n\r\0")
+            and _fits(value, MAX_PATH_BYTES) and os.path.isabs(value)
+            and os.path.normpath(value) == value)
+
+
+_ABS_PATH_MSG = (f"must be an absolute, normalised path of at most {MAX_PATH_BYTES} bytes "
+                 "without commas or newlines")
+
+NO_CHECK: Check = (False, None, None, None, None)
+REQUIRED_CHECK: Check = (True, None, None, None, None)
+OPT_FILE_CHECK: Check = (False, _is_clean_abs_path, _ABS_PATH_MSG,
+                         os.path.isfile, "must be an existing file")
+REQ_FILE_CHECK: Check = (True, _is_clean_abs_path, _ABS_PATH_MSG,
+                         os.path.isfile, "must be an existing file")
+OPT_DIR_CHECK: Check = (False, _is_clean_abs_path, _ABS_PATH_MSG,
+                        os.path.isdir, "must be an existing directory")
+REQ_DIR_CHECK: Check = (True, _is_clean_abs_path, _ABS_PATH_MSG,
+                        os.path.isdir, "must be an existing directory")
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and 0 < value < 65536
+
+
+NET_PORT_CHECK: Check = (True, _is_port, "must be a port number from 1 to 65535",
+                         None, None)
+# The 2011 names of the port checks
+REQ_NET_PORT_CHECK: Check = NET_PORT_CHECK
+OPT_NET_PORT_CHECK: Check = (False, _is_port, NET_PORT_CHECK[2], None, None)
+
+
+def parse_cpu_mask(cpu_mask: str) -> list[int]:
+    """The CPU numbers of a mask such as ``"0-2,5"`` (``[0, 1, 2, 5]``); empty for ``""``.
+
+    Raises :class:`errors.ParameterError` for anything else.
+    """
+    if not cpu_mask:
+        return []
+    cpus: list[int] = []
+    for item in cpu_mask.split(","):
+        bounds = item.split("-")
+        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise errors.ParameterError(
+                f"Invalid CPU mask item {item!r} in {cpu_mask!r}: use CPU numbers and "
+                "ranges such as 0-2,5")
+        lower, higher = int(bounds[0]), int(bounds[-1])
+        if lower > higher:
+            raise errors.ParameterError(
+                f"Invalid CPU range {item!r} in {cpu_mask!r}: {lower} > {higher}")
+        cpus.extend(range(lower, higher + 1))
+    return cpus
+
+
+def _is_cpu_mask_well_formed(cpu_mask: Any) -> bool:
+    if not isinstance(cpu_mask, str):
+        return False
+    try:
+        return len(parse_cpu_mask(cpu_mask)) > 0
+    except errors.ParameterError:
+        return False
+
+
+_CPU_MASK_MSG = "must be CPU numbers and ranges such as 0-2,5"
+REQ_CPU_MASK_CHECK: Check = (True, _is_cpu_mask_well_formed, _CPU_MASK_MSG, None, None)
+OPT_CPU_MASK_CHECK: Check = (False, _is_cpu_mask_well_formed, _CPU_MASK_MSG, None, None)
+MIGRATION_MODE_CHECK: Check = (
+    True, lambda value: value in c.HT_MIGRATION_MODES,
+    "must be one of " + ", ".join(sorted(c.HT_MIGRATION_MODES)),
+    None, None)
+
+
+def ParamInSet(required: bool, my_set: Iterable[Any]) -> Check:
+    """A check that accepts only the values of ``my_set``."""
+    allowed = frozenset(my_set)
+    return (required, allowed.__contains__,
+            "must be one of " + ", ".join(sorted(map(str, allowed))), None, None)
+
+
+def PositiveInt(required: bool = True) -> Check:
+    """A check for a whole number greater than zero."""
+    return (required, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "must be a whole number greater than zero", None, None)
+
+
+_TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    c.VTYPE_STRING: (lambda v: isinstance(v, str), "a string"),
+    c.VTYPE_MAYBE_STRING: (lambda v: v is None or isinstance(v, str),
+                                   "a string or null"),
+    c.VTYPE_BOOL: (lambda v: isinstance(v, bool), "true or false"),
+    c.VTYPE_INT: (lambda v: isinstance(v, int) and not isinstance(v, bool),
+                          "a whole number"),
+}
+
+
+def check_types(hvparams: Mapping[str, Any], types: Mapping[str, str]) -> None:
+    """Raise :class:`errors.ParameterError` for an unknown key or a value of the wrong type."""
+    if not isinstance(hvparams, Mapping):
+        raise errors.ParameterError(
+            f"hypervisor parameters must be a mapping, not {type(hvparams).__name__}")
+    for name, value in hvparams.items():
+        if name not in types:
+            raise errors.ParameterError(
+                f"Parameter '{name}' is not supported (known: see c.HVS_PARAMETERS)",
+                name, value)
+        check, what = _TYPE_CHECKS[types[name]]
+        if not check(value):
+            raise errors.ParameterError(
+                f"Parameter '{name}' must be {what}, not {type(value).__name__} ({value!r})",
+                name, value)
+
+
+def apply_syntax_checks(table: Mapping[str, Check], types: Mapping[str, str],
+                        hvparams: Mapping[str, Any]) -> None:
+    """Apply the syntax half of a parameter table (types, presence, ``check_fn``)."""
+    check_types(hvparams, types)
+    for name, (required, check_fn, errstr, _, _) in table.items():
+        if name not in hvparams:
+            raise errors.ParameterError(f"Parameter '{name}' is missing", name)
+        value = hvparams[name]
+        if not required and not value:
+            continue
+        if value is None or value == "":
+            raise errors.ParameterError(
+                f"Parameter '{name}' is required but is currently not defined", name, value)
+        if check_fn is not None and not check_fn(value):
+            raise errors.ParameterError(
+                f"Parameter '{name}' fails syntax check: {errstr} "
+                f"(current value: {value!r})", name, value)
+
+
+def _node_check_passes(check_fn: Callable[[Any], bool], value: Any) -> bool:
+    """``check_fn(value)``; a value of a type the check cannot take fails it."""
+    try:
+        return bool(check_fn(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def apply_node_checks(table: Mapping[str, Check], hvparams: Mapping[str, Any]) -> None:
+    """Apply the node half of a parameter table (``prereq_fn``: files, directories)."""
+    for name, (required, _, _, check_fn, errstr) in table.items():
+        value = hvparams.get(name)
+        if not required and not value:
+            continue
+        if check_fn is not None and not _node_check_passes(check_fn, value):
+            raise errors.ParameterError(
+                f"Parameter '{name}' fails validation on this node: {errstr} "
+                f"(current value: {value!r})", name, value)
+
+
+def check_present(table: Mapping[str, Check], hvparams: Mapping[str, Any]) -> None:
+    """Raise :class:`errors.ParameterError` unless ``hvparams`` is a mapping with every key."""
+    if not isinstance(hvparams, Mapping):
+        raise errors.ParameterError(
+            f"hypervisor parameters must be a mapping, not {type(hvparams).__name__}")
+    missing = sorted(set(table) - set(hvparams))
+    if missing:
+        raise errors.ParameterError(
+            f"Parameter '{missing[0]}' is missing (missing: {', '.join(missing)}); "
+            "pass the filled parameters (c.HVC_DEFAULTS overlaid with the "
+            "instance's)", missing[0])
 
 
 def _is_ipv4(value: str) -> bool:
@@ -28,15 +217,15 @@ def _is_ipv4(value: str) -> bool:
 
 
 def _is_vnc_address(value: Any) -> bool:
-    return isinstance(value, str) and (_is_ipv4(value) or hv_base._is_clean_abs_path(value))
+    return isinstance(value, str) and (_is_ipv4(value) or _is_clean_abs_path(value))
 
 
 def _is_cmdline_text(value: Any) -> bool:
     return (isinstance(value, str) and not any(ch in value for ch in "\n\r\0")
-            and hv_base._fits(value, hv_base.MAX_TEXT_BYTES))
+            and _fits(value, MAX_TEXT_BYTES))
 
 
-_CMDLINE_TEXT_MSG = f"must be text of at most {hv_base.MAX_TEXT_BYTES} bytes without newlines"
+_CMDLINE_TEXT_MSG = f"must be text of at most {MAX_TEXT_BYTES} bytes without newlines"
 
 
 def _is_user_name(value: Any) -> bool:
@@ -55,22 +244,22 @@ def _refuse(value: Any) -> bool:
     return False
 
 
-PARAMETERS: dict[str, hv_base.Check] = {
-    c.HV_KVM_PATH: hv_base.REQ_FILE_CHECK,
-    c.HV_KERNEL_PATH: hv_base.OPT_FILE_CHECK,
-    c.HV_INITRD_PATH: hv_base.OPT_FILE_CHECK,
+PARAMETERS: dict[str, Check] = {
+    c.HV_KVM_PATH: REQ_FILE_CHECK,
+    c.HV_KERNEL_PATH: OPT_FILE_CHECK,
+    c.HV_INITRD_PATH: OPT_FILE_CHECK,
     c.HV_ROOT_PATH: (False, _is_cmdline_text, _CMDLINE_TEXT_MSG, None, None),
     c.HV_KERNEL_ARGS: (False, _is_cmdline_text, _CMDLINE_TEXT_MSG, None, None),
-    c.HV_ACPI: hv_base.NO_CHECK,
-    c.HV_SERIAL_CONSOLE: hv_base.NO_CHECK,
-    c.HV_SERIAL_SPEED: hv_base.ParamInSet(True, c.VALID_SERIAL_SPEEDS),
+    c.HV_ACPI: NO_CHECK,
+    c.HV_SERIAL_CONSOLE: NO_CHECK,
+    c.HV_SERIAL_SPEED: ParamInSet(True, c.VALID_SERIAL_SPEEDS),
     c.HV_VNC_BIND_ADDRESS: (False, _is_vnc_address,
                             "the VNC bind address must be either a valid IPv4 address or "
                             "an absolute pathname", None, None),
-    c.HV_VNC_TLS: hv_base.NO_CHECK,
-    c.HV_VNC_X509: hv_base.OPT_DIR_CHECK,
-    c.HV_VNC_X509_VERIFY: hv_base.NO_CHECK,
-    c.HV_VNC_PASSWORD_FILE: hv_base.OPT_FILE_CHECK,
+    c.HV_VNC_TLS: NO_CHECK,
+    c.HV_VNC_X509: OPT_DIR_CHECK,
+    c.HV_VNC_X509_VERIFY: NO_CHECK,
+    c.HV_VNC_PASSWORD_FILE: OPT_FILE_CHECK,
     # SPICE is not implemented: the key is accepted (the cluster manager
     # fills it in) but only empty; the IP version only goes with it.
     c.HV_KVM_SPICE_BIND: (False, _refuse,
@@ -78,29 +267,29 @@ PARAMETERS: dict[str, hv_base.Check] = {
                           "vnc_bind_address for a graphical console", None, None),
     c.HV_KVM_SPICE_IP_VERSION: (False, lambda v: v in c.VALID_IP_VERSIONS,
                                 "must be 4 or 6 (or 0: any)", None, None),
-    c.HV_KVM_FLOPPY_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
-    c.HV_CDROM_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
-    c.HV_KVM_CDROM2_IMAGE_PATH: hv_base.OPT_FILE_CHECK,
-    c.HV_BOOT_ORDER: hv_base.ParamInSet(True, c.HT_KVM_VALID_BO_TYPES),
-    c.HV_NIC_TYPE: hv_base.ParamInSet(True, c.HT_KVM_VALID_NIC_TYPES),
-    c.HV_DISK_TYPE: hv_base.ParamInSet(True, c.HT_KVM_VALID_DISK_TYPES),
-    c.HV_KVM_CDROM_DISK_TYPE: hv_base.ParamInSet(False, c.HT_KVM_VALID_DISK_TYPES),
-    c.HV_USB_MOUSE: hv_base.ParamInSet(False, c.HT_KVM_VALID_MOUSE_TYPES),
+    c.HV_KVM_FLOPPY_IMAGE_PATH: OPT_FILE_CHECK,
+    c.HV_CDROM_IMAGE_PATH: OPT_FILE_CHECK,
+    c.HV_KVM_CDROM2_IMAGE_PATH: OPT_FILE_CHECK,
+    c.HV_BOOT_ORDER: ParamInSet(True, c.HT_KVM_VALID_BO_TYPES),
+    c.HV_NIC_TYPE: ParamInSet(True, c.HT_KVM_VALID_NIC_TYPES),
+    c.HV_DISK_TYPE: ParamInSet(True, c.HT_KVM_VALID_DISK_TYPES),
+    c.HV_KVM_CDROM_DISK_TYPE: ParamInSet(False, c.HT_KVM_VALID_DISK_TYPES),
+    c.HV_USB_MOUSE: ParamInSet(False, c.HT_KVM_VALID_MOUSE_TYPES),
     c.HV_KEYMAP: (False, _is_keymap, "must be a keyboard layout name such as en-us or de-ch "
                   "(letters, digits, - and _)", None, None),
-    c.HV_MIGRATION_PORT: hv_base.NET_PORT_CHECK,
-    c.HV_MIGRATION_BANDWIDTH: hv_base.PositiveInt(True),
-    c.HV_MIGRATION_DOWNTIME: hv_base.PositiveInt(True),
-    c.HV_MIGRATION_MODE: hv_base.MIGRATION_MODE_CHECK,
-    c.HV_USE_LOCALTIME: hv_base.NO_CHECK,
-    c.HV_DISK_CACHE: hv_base.ParamInSet(True, c.HT_VALID_CACHE_TYPES),
-    c.HV_SECURITY_MODEL: hv_base.ParamInSet(True, c.HT_KVM_VALID_SM_TYPES),
+    c.HV_MIGRATION_PORT: NET_PORT_CHECK,
+    c.HV_MIGRATION_BANDWIDTH: PositiveInt(True),
+    c.HV_MIGRATION_DOWNTIME: PositiveInt(True),
+    c.HV_MIGRATION_MODE: MIGRATION_MODE_CHECK,
+    c.HV_USE_LOCALTIME: NO_CHECK,
+    c.HV_DISK_CACHE: ParamInSet(True, c.HT_VALID_CACHE_TYPES),
+    c.HV_SECURITY_MODEL: ParamInSet(True, c.HT_KVM_VALID_SM_TYPES),
     c.HV_SECURITY_DOMAIN: (False, _is_user_name, "must be a user name", None, None),
-    c.HV_KVM_FLAG: hv_base.ParamInSet(False, c.HT_KVM_FLAG_VALUES),
-    c.HV_VHOST_NET: hv_base.NO_CHECK,
-    c.HV_KVM_USE_CHROOT: hv_base.NO_CHECK,
-    c.HV_MEM_PATH: hv_base.OPT_DIR_CHECK,
-    c.HV_REBOOT_BEHAVIOR: hv_base.ParamInSet(True, c.REBOOT_BEHAVIORS),
+    c.HV_KVM_FLAG: ParamInSet(False, c.HT_KVM_FLAG_VALUES),
+    c.HV_VHOST_NET: NO_CHECK,
+    c.HV_KVM_USE_CHROOT: NO_CHECK,
+    c.HV_MEM_PATH: OPT_DIR_CHECK,
+    c.HV_REBOOT_BEHAVIOR: ParamInSet(True, c.REBOOT_BEHAVIORS),
 }
 
 # Disk types QEMU has no meaning for as data disks on a PC machine.
@@ -121,20 +310,20 @@ def fill(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
     if hvparams is not None and not isinstance(hvparams, Mapping):
         raise errors.ParameterError(
             f"hypervisor parameters must be a mapping, not {type(hvparams).__name__}")
-    filled = dict(c.HVC_DEFAULTS[c.HT_KVM])
+    filled = dict(c.DEFAULTS)
     filled.update(hvparams or {})
     return filled
 
 
 def check_all_syntax(hvparams: Mapping[str, Any]) -> None:
     """The whole syntax check: the table, then the checks between keys."""
-    hv_base.apply_syntax_checks(PARAMETERS, c.HVS_PARAMETER_TYPES, hvparams)
+    apply_syntax_checks(PARAMETERS, c.PARAMETER_TYPES, hvparams)
     check_syntax(hvparams)
 
 
 def check_all_node(hvparams: Mapping[str, Any], caps: Any) -> None:
     """The whole node check: the table's files and directories, then :func:`check_node`."""
-    hv_base.apply_node_checks(PARAMETERS, hvparams)
+    apply_node_checks(PARAMETERS, hvparams)
     check_node(hvparams, caps)
 
 

@@ -11,9 +11,9 @@ stand-ins below keep the same names and fields.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from ganeti_kvm import errors, objects
+from ganeti_kvm import errors
 
 try:
     from ganeti import constants as ganeti_constants  # type: ignore[import-not-found,unused-ignore]
@@ -24,6 +24,46 @@ except ImportError:
     ganeti_constants = ganeti_errors = ganeti_objects = ganeti_hv_base = None
 
 HAVE_GANETI = ganeti_hv_base is not None
+
+# Ganeti's console kinds (its constants.CONS_*)
+CONS_SSH = "ssh"
+CONS_VNC = "vnc"
+CONS_SPICE = "spice"
+CONS_MESSAGE = "msg"
+CONS_ALL = frozenset([CONS_SSH, CONS_VNC, CONS_SPICE, CONS_MESSAGE])
+
+
+class _Record:
+    """A stand-in for a Ganeti configuration object: slots, keyword constructor, ToDict."""
+
+    __slots__: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(self.__slots__)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no attribute(s) "
+                            f"{', '.join(sorted(unknown))}")
+        for slot in self.__slots__:
+            setattr(self, slot, kwargs.get(slot))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a slot never set: None, as Ganeti's objects answer.
+        if name in type(self).__slots__:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def ToDict(self) -> dict[str, Any]:
+        """The set attributes as a plain dict."""
+        return {slot: getattr(self, slot) for slot in self.__slots__
+                if getattr(self, slot) is not None}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Record) and type(self) is type(other) \
+            and self.ToDict() == other.ToDict()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.ToDict().items())
+        return f"{type(self).__name__}({fields})"
 
 
 class _HvInstanceState:
@@ -45,7 +85,35 @@ class _HotplugError(errors.HypervisorError):
     """Hotplug (or a disk resize) is not possible; Ganeti's ``errors.HotplugError``."""
 
 
-class _MigrationStatus(objects.ConfigObject):
+class _InstanceConsole(_Record):
+    """How to reach an instance's console; Ganeti's ``objects.InstanceConsole``."""
+
+    __slots__ = ("instance", "kind", "message", "host", "port", "user", "command", "display")
+
+    def Validate(self) -> bool:
+        """True if the fields this kind needs are set, else ``errors.ConfigurationError``."""
+        kind = self.kind
+        if kind not in CONS_ALL:
+            raise errors.ConfigurationError(f"unknown console kind {kind!r}")
+        if not self.instance:
+            raise errors.ConfigurationError("console has no instance name")
+        needs = {
+            "message": kind == CONS_MESSAGE,
+            "host": kind != CONS_MESSAGE,
+            "port": kind in (CONS_VNC, CONS_SPICE),
+            "user": kind == CONS_SSH,
+            "command": kind == CONS_SSH,
+            "display": kind == CONS_VNC,
+        }
+        for name, needed in needs.items():
+            value = getattr(self, name)
+            if needed and (value is None or value == "" or value == []):
+                raise errors.ConfigurationError(
+                    f"{kind} console for {self.instance} has no {name}")
+        return True
+
+
+class _MigrationStatus(_Record):
     """A migration's status and RAM progress; Ganeti's ``objects.MigrationStatus``."""
 
     __slots__ = ("status", "transferred_ram", "total_ram", "postcopy_status")
@@ -72,5 +140,5 @@ else:
     HvInstanceState = _HvInstanceState
     HypervisorError = errors.HypervisorError
     HotplugError = _HotplugError
-    InstanceConsole = objects.InstanceConsole
+    InstanceConsole = _InstanceConsole
     MigrationStatus = _MigrationStatus

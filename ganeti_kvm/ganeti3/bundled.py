@@ -53,8 +53,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.core import runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.ganeti3 import params

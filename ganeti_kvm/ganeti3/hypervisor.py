@@ -20,13 +20,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from ganeti_kvm import constants as c
-from ganeti_kvm import errors, hv_base
+from ganeti_kvm import errors
 from ganeti_kvm.core import migration as core_migration
-from ganeti_kvm.core import params as validation
+from ganeti_kvm.core import names as c
+from ganeti_kvm.core import params as core_params
 from ganeti_kvm.core.node import InstanceSpec, KvmNode
 from ganeti_kvm.ganeti3 import _ganeti, bundled, migration, params
-from ganeti_kvm.host import paths
+from ganeti_kvm.host import nodeinfo, paths
 from ganeti_kvm.qemu import cmdline
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,14 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
         else:
             params.apply_table_syntax(cls.PARAMETERS, hvparams)
         params.check_implemented(hvparams)
-        validation.check_all_syntax(params.to_core(hvparams))
+        core_params.check_all_syntax(params.to_core(hvparams))
 
     @classmethod
     @_as_ganeti_errors
     def ValidateParameters(cls, hvparams: Mapping[str, Any]) -> None:
         """:meth:`CheckParameterSyntax`, then files, users, devices and QEMU's abilities."""
         cls.CheckParameterSyntax(hvparams)
-        hv_base.apply_node_checks(cls.PARAMETERS, hvparams)
+        core_params.apply_node_checks(cls.PARAMETERS, hvparams)
         KvmNode(paths.default_run_dir()).check_params(params.to_core(hvparams))
 
     @classmethod
@@ -253,7 +253,7 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     def GetLinuxNodeInfo(meminfo: str = "/proc/meminfo",
                          cpuinfo: str = "/proc/cpuinfo") -> dict[str, int]:
         """Memory (MiB) and CPUs of this node, with the CPU keys Ganeti 3 reads."""
-        result = hv_base.BaseHypervisor.GetLinuxNodeInfo(meminfo, cpuinfo)
+        result = nodeinfo.linux_node_info(meminfo, cpuinfo)
         result.update(cpu_dom0=result["cpu_total"], cpu_nodes=1, cpu_sockets=1)
         return result
 
@@ -292,7 +292,7 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     @_as_ganeti_errors
     def LinuxPowercycle(cls) -> None:
         """Reboot the node at once through sysrq."""
-        hv_base.BaseHypervisor.LinuxPowercycle()
+        nodeinfo.powercycle()
 
     @classmethod
     def PowercycleNode(cls, hvparams: Mapping[str, Any] | None = None) -> None:
@@ -321,16 +321,16 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
             port = None
             if node_group is not None and hasattr(node_group, "FillND"):
                 port = node_group.FillND(primary_node).get("ssh_port")
-            return _ganeti.InstanceConsole(instance=name, kind=c.CONS_SSH, host=host,
+            return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_SSH, host=host,
                                            port=port, user="root", command=command)
         address = hvp[c.HV_VNC_BIND_ADDRESS]
         port = _attr(instance, "network_port")
         if address and not address.startswith("/") and isinstance(port, int) \
                 and port > c.VNC_BASE_PORT:
             vnc_host = host if address == c.IP4_ADDRESS_ANY else address
-            return _ganeti.InstanceConsole(instance=name, kind=c.CONS_VNC, host=vnc_host,
+            return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_VNC, host=vnc_host,
                                            port=port, display=port - c.VNC_BASE_PORT)
-        return _ganeti.InstanceConsole(instance=name, kind=c.CONS_MESSAGE,
+        return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_MESSAGE,
                                        message=f"No serial shell for instance {name}")
 
     # --- migration -------------------------------------------------------------

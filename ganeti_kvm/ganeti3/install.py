@@ -48,8 +48,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.ganeti3 import bundled
 from ganeti_kvm.host import fsutil, paths
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ganeti_kvm import constants as c
-from ganeti_kvm import errors, hv_base
-from ganeti_kvm.core import params as validation
+from ganeti_kvm import errors
+from ganeti_kvm.core import names
+from ganeti_kvm.core import params as core_params
 from ganeti_kvm.ganeti3 import _ganeti
 
 # The keys whose effect the core has, under the same name and meaning: those
 # its parameter table checks.
-CORE_KEYS = frozenset(validation.PARAMETERS)
+CORE_KEYS = frozenset(core_params.PARAMETERS)
 
 # Ganeti 3.0's defaults (constants.HVC_DEFAULTS["kvm"]), used without Ganeti.
 FALLBACK_DEFAULTS: dict[str, Any] = {
@@ -189,8 +189,8 @@ def _build() -> tuple[dict[str, Any], dict[str, Any]]:
         no_check = _ganeti.ganeti_hv_base.NO_CHECK
     else:
         defaults = dict(FALLBACK_DEFAULTS)
-        checks = dict(validation.PARAMETERS)
-        no_check = hv_base.NO_CHECK
+        checks = dict(core_params.PARAMETERS)
+        no_check = core_params.NO_CHECK
     # A key of a later Ganeti that this table does not know yet is still
     # accepted at its default (see check_implemented).
     table = {key: checks.get(key, no_check) for key in sorted(defaults)}
@@ -262,5 +262,5 @@ def to_core(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
     an effect.
     """
     filled = fill(hvparams)
-    core_defaults = c.HVC_DEFAULTS[c.HT_KVM]
+    core_defaults = names.DEFAULTS
     return {key: filled[key] if key in filled else core_defaults[key] for key in CORE_KEYS}

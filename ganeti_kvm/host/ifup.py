@@ -1,7 +1,7 @@
 """The ifup hook: connects an instance's TAP devices to the node's network.
 
 The library runs the hook (by default the shipped ``kvm-ifup``,
-:data:`ganeti_kvm.constants.KVM_IFUP`) once per NIC, after QEMU holds the
+:data:`ganeti_kvm.host.paths.KVM_IFUP`) once per NIC, after QEMU holds the
 TAP device.  The hook learns everything from its environment, built by
 :func:`nic_environment`; values are passed verbatim and never through a
 shell, so instance names or tags full of shell metacharacters are harmless.
@@ -18,11 +18,18 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
 from ganeti_kvm.host.netdev import netns_path
 
 log = logging.getLogger(__name__)
+
+# The NIC parameters the hook is told about, and the modes it knows
+# (the cluster manager's nicparams keys and values).
+NIC_MODE = "mode"
+NIC_LINK = "link"
+NIC_MODE_BRIDGED = "bridged"
+NIC_MODE_ROUTED = "routed"
+NIC_VALID_MODES = frozenset([NIC_MODE_BRIDGED, NIC_MODE_ROUTED])
 
 DEFAULT_TIMEOUT = 30.0
 """Seconds a hook may run before it is killed."""
@@ -64,8 +71,8 @@ def nic_environment(instance_name: str, nic: Any, index: int, tap: str,
     MAC or mode, raises :class:`errors.HypervisorError`.
     """
     nicparams = getattr(nic, "nicparams", None) or {}
-    mode = nicparams.get(c.NIC_MODE) or ""
-    link = nicparams.get(c.NIC_LINK) or ""
+    mode = nicparams.get(NIC_MODE) or ""
+    link = nicparams.get(NIC_LINK) or ""
     mac = getattr(nic, "mac", None) or ""
     ip = getattr(nic, "ip", None) or ""
     if not mac:
@@ -75,7 +82,7 @@ def nic_environment(instance_name: str, nic: Any, index: int, tap: str,
     if not mode:
         raise errors.HypervisorError(
             f"NIC {index} of instance {instance_name} has no mode; set nicparams "
-            f"'{c.NIC_MODE}' to one of {', '.join(sorted(c.NIC_VALID_MODES))}")
+            f"'{NIC_MODE}' to one of {', '.join(sorted(NIC_VALID_MODES))}")
     env = {
         "INSTANCE": instance_name,
         "MAC": str(mac),
@@ -88,7 +95,7 @@ def nic_environment(instance_name: str, nic: Any, index: int, tap: str,
         env["IP"] = str(ip)
     if link:
         env["LINK"] = str(link)
-    if mode == c.NIC_MODE_BRIDGED:
+    if mode == NIC_MODE_BRIDGED:
         env["BRIDGE"] = str(link)
     for key, value in env.items():
         if "\0" in value:

@@ -37,7 +37,6 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ _NETNS_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 
 # NIC types (hypervisor parameter values) and QEMU models that are
 # paravirtual and so understand the virtio-net header.
-_VNET_HDR_NIC_TYPES = frozenset([c.HT_NIC_PARAVIRTUAL])
+_VNET_HDR_NIC_TYPES = frozenset(["paravirtual"])  # core.names.HT_NIC_PARAVIRTUAL
 _VNET_HDR_MODELS = frozenset(["virtio-net-pci", "virtio-net", "virtio-net-device"])
 
 _T = TypeVar("_T")

@@ -12,7 +12,18 @@ import os
 import re
 from dataclasses import dataclass
 
-from ganeti_kvm import constants, errors
+from ganeti_kvm import errors
+
+# Where every instance's runtime state lives unless told otherwise
+RUN_DIR_ENV = "GANETI_KVM_RUN_DIR"
+DEFAULT_RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
+
+# Programs shipped with this package (ganeti_kvm/tools/), computed from the
+# package location, so they are right for an installed package and for an
+# editable checkout alike.
+TOOLS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+KVM_CONSOLE_WRAPPER = os.path.join(TOOLS_DIR, "kvm-console-wrapper")
+KVM_IFUP = os.path.join(TOOLS_DIR, "kvm-ifup")
 
 # Instance names are host names: letters, digits, dots, dashes, underscores.
 # Anything else (spaces, slashes, shell metacharacters) is refused before it
@@ -35,7 +46,7 @@ def check_instance_name(name: object) -> str:
 
 def default_run_dir() -> str:
     """The run directory from ``GANETI_KVM_RUN_DIR`` or the built-in default."""
-    return os.environ.get(constants.RUN_DIR_ENV) or constants.DEFAULT_RUN_DIR
+    return os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
 
 
 @dataclass(frozen=True)

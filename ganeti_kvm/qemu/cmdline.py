@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import names as c
 from ganeti_kvm.host.paths import InstancePaths, check_instance_name
 from ganeti_kvm.qemu import devices, macaddr
 from ganeti_kvm.qemu.caps import DEFAULT_MACHINE, is_machine_name
