@@ -16,8 +16,7 @@ from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors, hv_base, objects
-from ganeti_kvm.core import inputs, migration
-from ganeti_kvm.core import params as validation
+from ganeti_kvm.core import inputs, migration, params
 from ganeti_kvm.core.node import InstanceSpec, KvmNode
 from ganeti_kvm.host import paths
 from ganeti_kvm.qemu import caps as qemu_caps
@@ -76,7 +75,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     CAN_MIGRATE = True
     # The 2011 contract's keys, each with the core's check (the core's table,
     # in its order, restricted to constants.HVS_PARAMETERS).
-    PARAMETERS = {key: check for key, check in validation.PARAMETERS.items()
+    PARAMETERS = {key: check for key, check in params.PARAMETERS.items()
                   if key in c.HVS_PARAMETERS}
     PARAMETER_TYPES = dict(c.HVS_PARAMETER_TYPES)
 
@@ -92,7 +91,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     @classmethod
     def CheckParameterSyntax(cls, hvparams: Mapping[str, Any]) -> None:
         """Check the syntax of ``hvparams``, including the checks between keys."""
-        validation.check_all_syntax(hvparams)
+        params.check_all_syntax(hvparams)
 
     @hv_base.ClassOrInstanceMethod
     def ValidateParameters(cls_or_self: Any, hvparams: Mapping[str, Any]) -> None:
@@ -108,19 +107,19 @@ class KVMHypervisor(hv_base.BaseHypervisor):
             caps = qemu_caps.probe(kvm_path)
         else:
             caps = cls_or_self.node.caps(kvm_path)
-        validation.check_node(hvparams, caps)
+        params.check_node(hvparams, caps)
 
     @staticmethod
     def FillHvParams(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
         """The cluster defaults overlaid with ``hvparams``."""
-        return validation.fill(hvparams)
+        return params.fill(hvparams)
 
     # --- adapting the daemon's objects ---------------------------------------------
 
     @classmethod
     def _spec(cls, instance: Any, block_devices: Any = ()) -> InstanceSpec:
         name = paths.check_instance_name(_attr(instance, "name"))
-        hvparams = validation.fill(_attr(instance, "hvparams"))
+        hvparams = params.fill(_attr(instance, "hvparams"))
         beparams = dict(c.BEC_DEFAULTS)
         beparams.update(inputs.mapping(f"Instance {name}: beparams", _attr(instance, "beparams")))
         memory, vcpus = (_positive_be(name, beparams, key) for key in (c.BE_MEMORY, c.BE_VCPUS))
@@ -168,7 +167,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         if record is not None:
             acpi = bool(record.hvparams.get(c.HV_ACPI))
         elif instance is not None:
-            acpi = bool(validation.fill(_attr(instance, "hvparams"))[c.HV_ACPI])
+            acpi = bool(params.fill(_attr(instance, "hvparams"))[c.HV_ACPI])
         self.node.stop(name, acpi=acpi, force=force, timeout=timeout)
 
     def CleanupInstance(self, instance_name: str) -> None:
@@ -242,7 +241,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         object, that object's (``run_dir`` overrides either).
         """
         name = paths.check_instance_name(_attr(instance, "name"))
-        hvp = validation.fill(hvparams)
+        hvp = params.fill(hvparams)
         node = _attr(instance, "primary_node")
         if isinstance(cls_or_self, type):
             own_run_dir, socat = paths.default_run_dir(), c.SOCAT_PATH

@@ -19,5 +19,5 @@ def test_readme_parameter_table_is_current() -> None:
 
 def test_table_has_every_parameter() -> None:
     table = doc.parameter_table()
-    for key in doc.validation.PARAMETERS:
+    for key in doc.params.PARAMETERS:
         assert f"| `{key}` |" in table

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_kvm import errors
-from ganeti_kvm.core import legacy, runtime
+from ganeti_kvm.core import legacy, params, runtime
 from ganeti_kvm.core import names as c
-from ganeti_kvm.core import params as validation
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
 from ganeti_kvm.host.paths import InstancePaths, RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
@@ -162,9 +161,9 @@ class KvmNode:
 
     def check_params(self, hvparams: Mapping[str, Any]) -> qemu_caps.QemuCaps:
         """Syntax and node checks of filled ``hvparams``; returns the QEMU's capabilities."""
-        validation.check_all_syntax(hvparams)
+        params.check_all_syntax(hvparams)
         caps = self.caps(hvparams[c.HV_KVM_PATH])
-        validation.check_all_node(hvparams, caps)
+        params.check_all_node(hvparams, caps)
         return caps
 
     # --- start ---------------------------------------------------------------
@@ -327,7 +326,7 @@ class KvmNode:
                     self._configure_nics(record)
                 password_file = hvp[c.HV_VNC_PASSWORD_FILE]
                 if password_file:
-                    password = validation.read_vnc_password(password_file)
+                    password = params.read_vnc_password(password_file)
                     qmp.execute("set_password", {"protocol": "vnc", "password": password})
                 if not paused and incoming is None:
                     qmp.execute("cont")
