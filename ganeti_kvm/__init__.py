@@ -9,6 +9,12 @@ written against its KVM driver ports by changing the import prefix:
 - :mod:`ganeti_kvm.hv_base` -- BaseHypervisor and the parameter checks
 - :mod:`ganeti_kvm.hv_kvm` -- KVMHypervisor
 
+Ganeti 3.x's contract is :mod:`ganeti_kvm.ganeti3`.  Both are thin adapters
+over one contract-neutral core (:mod:`ganeti_kvm.core`), which builds on
+QEMU (:mod:`ganeti_kvm.qemu`), its monitors (:mod:`ganeti_kvm.qmp`) and the
+node's operating system (:mod:`ganeti_kvm.host`); the programs are in
+:mod:`ganeti_kvm.tools`.
+
 The library logs through :mod:`logging` and stays silent unless the
 application configures logging.
 """
