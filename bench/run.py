@@ -1,10 +1,13 @@
 """ganeti-kvm benchmark: each figure of ours against a baseline measured in the same run.
 
-Run as root from the repository: ``python3 bench/run.py [--quick]`` (or
-``make bench``).  Prints one markdown table and writes it to
-``bench/results.md``.  Every row compares a measurement of the library with
-a baseline taken in the same run, on the same QEMU, on the same machine
-(except where the baseline is a stated constant or a computed figure).
+Run as root from the repository: ``python3 bench/run.py [--quick] [--only
+2011|peer]`` (or ``make bench``).  Prints two markdown tables and writes them
+to ``bench/results.md``: one against the 2011 driver, a bare QEMU and an
+uncached probe (this file), one side by side with Ganeti 3.0's own KVM
+driver (bench/sidebyside.py, bench/peer.py).  Every row compares a
+measurement of the library with a baseline taken in the same run, on the
+same QEMU, on the same machine (except where the baseline is a stated
+constant or a computed figure).
 Targets are reported, never asserted: the exit code is 1 only when a
 measurement itself could not be made.  Everything started here is killed
 and every run directory removed, also on failure.
@@ -12,6 +15,8 @@ and every run directory removed, also on failure.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import os
 import shutil
@@ -22,12 +27,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import sidebyside  # noqa: E402
+from bench.common import (  # noqa: E402
+    FAILURES,
+    QEMU_10,
+    QEMU_72,
+    TABLE_2011,
+    TABLE_PEER,
+    measurement,
+    median_time,
+    median_times_interleaved,
+    ms,
+    qemu_label,
+    row,
+)
+from bench.peer_client import PeerNode  # noqa: E402
 from ganeti_kvm import objects  # noqa: E402
 from ganeti_kvm.core import migration  # noqa: E402
 from ganeti_kvm.hv_kvm import KVMHypervisor  # noqa: E402
@@ -37,67 +55,11 @@ from tests.guestimage import FIRST_LINE, build_guest  # noqa: E402
 from tests.helpers import SerialReader, guest_hvparams, kill_instances  # noqa: E402
 from tests.test_console import Terminal  # noqa: E402
 
-QEMU_72 = "/usr/bin/qemu-system-x86_64"
-QEMU_10 = "/var/cache/ganeti-kvm/qemu-10.0/qemu-system-x86_64"
 RESULTS_FILE = os.path.join(ROOT, "bench", "results.md")
-
-ROWS: list[tuple[str, str, str, str, str, str]] = []
-FAILURES: list[str] = []
 RUN_DIRS: list[str] = []
 
 
 # --- helpers -------------------------------------------------------------------------
-
-def ms(seconds: float) -> str:
-    value = seconds * 1000
-    return f"{value:.3f} ms" if value < 1 else f"{value:.1f} ms" if value < 100 else \
-        f"{value:.0f} ms"
-
-
-def median_time(action: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def median_times_interleaved(actions: list[Callable[[], object]], n: int) -> list[float]:
-    """The median time of each action, called in turn so that they share the
-    machine's drift alike."""
-    times: list[list[float]] = [[] for _ in actions]
-    for _ in range(n):
-        for action, samples in zip(actions, times):
-            started = time.perf_counter()
-            action()
-            samples.append(time.perf_counter() - started)
-    return [statistics.median(samples) for samples in times]
-
-
-def row(what: str, ours: str, baseline: str, ratio: str, target: str, met: bool | None) -> None:
-    ROWS.append((what, ours, baseline, ratio, target,
-                 "n/a" if met is None else "yes" if met else "**no**"))
-    print(f"  {what}: ours {ours}, baseline {baseline}, {ratio}, target {target}: "
-          f"{ROWS[-1][5]}", flush=True)
-
-
-def measurement(title: str, func: Callable[[], None]) -> None:
-    """Run one measurement; a failure becomes a row saying so (and exit code 1)."""
-    print(f"==> {title}", flush=True)
-    started = time.monotonic()
-    try:
-        func()
-    except Exception as err:  # noqa: BLE001 - reported, then the next measurement runs
-        traceback.print_exc()
-        FAILURES.append(f"{title}: {err}")
-        ROWS.append((title, "FAILED", "-", "-", "-", f"not measured: {err}"[:120]))
-    print(f"    ({time.monotonic() - started:.1f} s)", flush=True)
-
-
-def qemu_label(path: str) -> str:
-    return "QEMU 7.2" if path == QEMU_72 else "QEMU 10.0"
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -160,7 +122,7 @@ class _CountingPopen(subprocess.Popen):  # type: ignore[type-arg]
 
 def bench_probe(base: str, qemu: str, n_uncached: int) -> None:
     uncached = []
-    for i in range(n_uncached):
+    for _ in range(n_uncached):
         qemu_caps.clear_cache()
         cache_dir = tempfile.mkdtemp(prefix="caps-", dir=base)
         started = time.perf_counter()
@@ -263,7 +225,8 @@ def bench_listing(base: str, guest, n_calls: int) -> None:
                 raise RuntimeError(f"expected 1 instance, got {infos}")
             qmp_socket = hv_one.node.paths("one").qmp_socket
             cost, floor = median_times_interleaved(
-                [hv_one.GetAllInstancesInfo, lambda: bare_qmp_status(qmp_socket)], n_calls)
+                [hv_one.GetAllInstancesInfo, functools.partial(bare_qmp_status, qmp_socket)],
+                n_calls)
             kill_instances(hv_one.node.layout.root)
         else:
             grow(count)
@@ -389,8 +352,72 @@ def _terminate(signum: int, frame) -> None:  # noqa: ANN001
     raise SystemExit(128 + signum)
 
 
+def run_2011(base: str, guest, quick: bool) -> None:  # noqa: ANN001
+    """The rows against the 2011 driver, a bare QEMU and uncached probes."""
+    qemus = [QEMU_72] + ([QEMU_10] if os.access(QEMU_10, os.X_OK) else [])
+    if len(qemus) == 1:
+        print(f"note: {QEMU_10} not found; QEMU 10.0 rows skipped", flush=True)
+    for qemu in qemus:
+        measurement(f"1. monitor command ({qemu_label(qemu)})",
+                    lambda q=qemu: bench_monitor(base, guest, q, 30 if quick else 100))
+    for qemu in qemus:
+        measurement(f"2. capability probe ({qemu_label(qemu)})",
+                    lambda q=qemu: bench_probe(base, q, 2 if quick else 3))
+    for qemu in qemus:
+        measurement(f"3. StartInstance ({qemu_label(qemu)})",
+                    lambda q=qemu: bench_start(base, guest, q, 9 if quick else 21))
+    measurement("4. GetAllInstancesInfo",
+                lambda: bench_listing(base, guest, 30 if quick else 100))
+    for run_dir in list(RUN_DIRS):
+        kill_instances(run_dir)  # the 50 listed instances are not needed any more
+    measurement("5. console unpause delay",
+                lambda: bench_console(base, guest, 1 if quick else 3))
+    measurement("6. live migration",
+                lambda: bench_migration(base, guest, [128] if quick else [128, 1024]))
+
+
+def run_peer(base: str, guest, quick: bool) -> None:  # noqa: ANN001
+    """The rows side by side with Ganeti 3.0's KVM driver (bench/sidebyside.py)."""
+    table = TABLE_PEER
+    made: list[PeerNode] = []
+
+    def node() -> PeerNode:
+        if len(made) < 2:
+            made.append(PeerNode(os.path.join(base, f"peer{len(made)}.log")))
+        return made[-1]
+
+    try:
+        measurement("7. Ganeti 3.0: start and forced stop",
+                    lambda: sidebyside.bench_start_stop(node(), 5 if quick else 15), table)
+        measurement("8. Ganeti 3.0: GetInstanceInfo, GetAllInstancesInfo, one QMP call",
+                    lambda: sidebyside.bench_listing(node(), 10 if quick else 30,
+                                                     30 if quick else 100, (1, 10, 30)),
+                    table)
+        measurement("9. Ganeti 3.0: ACPI stop",
+                    lambda: sidebyside.bench_acpi(node(), guest, 2 if quick else 4), table)
+        measurement("10. Ganeti 3.0: live migration",
+                    lambda: sidebyside.bench_migration(
+                        made[0] if made else node(), node(), guest,
+                        [128] if quick else [128, 1024], 3 if quick else 5), table)
+        measurement("11. Ganeti 3.0: the dirtying guest",
+                    lambda: sidebyside.bench_dirty(made[0], node(), guest,
+                                                   15.0 if quick else None), table)
+    finally:
+        for peer in made:
+            try:
+                peer.close()
+            except Exception as err:  # noqa: BLE001 - keep cleaning
+                print(f"cleanup of a Ganeti 3.0 worker failed: {err}", file=sys.stderr)
+
+
 def main() -> int:
-    quick = "--quick" in sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples")
+    parser.add_argument("--only", choices=("2011", "peer"),
+                        help="only the rows against the 2011 driver, or only those "
+                        "against Ganeti 3.0's driver")
+    args = parser.parse_args()
+    quick = args.quick
     if os.geteuid() != 0:
         print("the benchmark needs root (like the tests and the demo)", file=sys.stderr)
         return 1
@@ -400,26 +427,10 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix="gk-bench-", dir="/tmp")
     try:
         guest = build_guest()
-        qemus = [QEMU_72] + ([QEMU_10] if os.access(QEMU_10, os.X_OK) else [])
-        if len(qemus) == 1:
-            print(f"note: {QEMU_10} not found; QEMU 10.0 rows skipped", flush=True)
-        for qemu in qemus:
-            measurement(f"1. monitor command ({qemu_label(qemu)})",
-                        lambda q=qemu: bench_monitor(base, guest, q, 30 if quick else 100))
-        for qemu in qemus:
-            measurement(f"2. capability probe ({qemu_label(qemu)})",
-                        lambda q=qemu: bench_probe(base, q, 2 if quick else 3))
-        for qemu in qemus:
-            measurement(f"3. StartInstance ({qemu_label(qemu)})",
-                        lambda q=qemu: bench_start(base, guest, q, 9 if quick else 21))
-        measurement("4. GetAllInstancesInfo",
-                    lambda: bench_listing(base, guest, 30 if quick else 100))
-        for run_dir in list(RUN_DIRS):
-            kill_instances(run_dir)  # the 50 listed instances are not needed any more
-        measurement("5. console unpause delay",
-                    lambda: bench_console(base, guest, 1 if quick else 3))
-        measurement("6. live migration",
-                    lambda: bench_migration(base, guest, [128] if quick else [128, 1024]))
+        if args.only != "peer":
+            run_2011(base, guest, quick)
+        if args.only != "2011":
+            run_peer(base, guest, quick)
     finally:
         for run_dir in RUN_DIRS:
             try:
@@ -430,21 +441,22 @@ def main() -> int:
     elapsed = time.monotonic() - began
     uname = os.uname()
     lines = [
-        f"ganeti-kvm benchmark ({'quick' if quick else 'full'} run, {elapsed:.0f} s, "
+        f"# ganeti-kvm benchmark ({'quick' if quick else 'full'} run, {elapsed:.0f} s, "
         f"{os.cpu_count()} CPUs, {uname.sysname} {uname.release}, TCG, "
         f"{time.strftime('%Y-%m-%d %H:%M')})",
         "",
-        "| what | ours | baseline | ratio | target | met? |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "The machine may be shared with other work: figures drift from run to run; "
+        "every ratio compares two figures from the same run.",
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") if "\\|" not in cell else cell
-                                 for cell in r) + " |" for r in ROWS]
+    for table in (TABLE_2011, TABLE_PEER):
+        if table.rows:
+            lines += [""] + table.markdown()
     if FAILURES:
         lines += ["", "Not measured:"] + [f"- {f}" for f in FAILURES]
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
     with open(RESULTS_FILE, "w", encoding="utf-8") as handle:
-        handle.write(table)
+        handle.write(text)
     return 1 if FAILURES else 0
 
 

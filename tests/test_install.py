@@ -20,6 +20,7 @@ from ganeti_kvm import errors
 from ganeti_kvm.ganeti3 import install
 from ganeti_kvm.tools import cli
 from tests import ganeti_trees
+from tests.host_ganeti import host_driver_lock
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SYSTEM_GANETI = "/usr/share/ganeti/3.0"
@@ -222,6 +223,11 @@ def test_no_ganeti_under_the_root_is_refused(short_dir: str) -> None:
 def test_on_this_machines_own_ganeti(short_dir: str) -> None:
     """Install on the real /usr/share/ganeti/3.0 and remove again, byte for byte."""
     _need_tools()
+    with host_driver_lock():
+        _install_and_remove_on_this_machine(short_dir)
+
+
+def _install_and_remove_on_this_machine(short_dir: str) -> None:
     if "hv_kvm" in diversions("/"):
         # Switched by someone else (a cluster test, an operator): not ours to undo.
         pytest.skip("this machine's Ganeti KVM driver is switched already; not touching it")

@@ -281,6 +281,10 @@ def test_the_bundled_driver_sees_and_stops_an_instance_of_ours_after_export(
     exported = bundled.parse(text, "o1", "test")
     assert exported is not None
     assert "qmp" not in " ".join(exported.kvm_cmd) and "-S" not in exported.kvm_cmd
+    # QEMU's log goes where the bundled driver keeps its own: its stop never cleans ctrl/.
+    assert exported.kvm_cmd[exported.kvm_cmd.index("-D") + 1] == "/var/log/ganeti/kvm/o1.log"
+    assert "ctrl/o1.log" not in node("files")
+    assert node("read", path="/var/log/ganeti/kvm/o1.log") is not None
     info = node("info", driver="bundled", name="o1")
     assert info[:4] == ["o1", pid, 64, 1]
     assert node("all", driver="bundled") == [info]
@@ -447,12 +451,13 @@ def test_our_record_becomes_a_bundled_runtime_with_the_same_nic_device() -> None
             "-chardev", "socket,id=qmpl,path=/r/ctrl/e1.qmpl,server=on,wait=off",
             "-mon", "chardev=qmpl,mode=control",
             "-chardev", "socket,id=hmp,path=/r/ctrl/e1.monitor,server=on,wait=off",
-            "-mon", "chardev=hmp,mode=readline"]
+            "-mon", "chardev=hmp,mode=readline", "-D", "/r/ctrl/e1.log"]
     record = runtime.RuntimeRecord(
         name="e1", argv=ours, hvparams=params.to_core(dict(params.DEFAULTS)),
         nics=[{"mac": "aa:00:00:00:00:02", "ip": None, "nicparams": {}, "tap": "tap3"}])
     exported = bundled.bundled_from_record(record)
-    assert exported.kvm_cmd == ours[:5] + ours[13:]  # the human monitor stays
+    # The human monitor stays; the log moves to the bundled driver's directory.
+    assert exported.kvm_cmd == ours[:5] + ours[13:-1] + ["/var/log/ganeti/kvm/e1.log"]
     assert exported.disks == []
     assert exported.hvparams == params.fill(record.hvparams)
     (nic,) = exported.nics

@@ -72,6 +72,10 @@ NIC_KEYS = ("mac", "ip", "network", "nicparams", "netinfo", "name", "uuid")
 _PER_START = {"-S": 0, "-incoming": 1, "-qmp": 1}
 _OUR_MONITORS = ("qmp", "qmpl")
 RUNTIME_LIMIT = 16 << 20
+# Where the bundled driver has QEMU write its log (``-D``): Ganeti's
+# pathutils.LOG_KVM_DIR in 3.0 and 3.1.  Its stop never removes the file.
+BUNDLED_LOG_DIR = "/var/log/ganeti/kvm"
+QEMU_LOG_LIMIT = 4 << 20
 
 
 @dataclass
@@ -351,6 +355,44 @@ def _without_our_monitors(argv: Sequence[str]) -> list[str]:
     return result
 
 
+def bundled_log(name: str) -> str:
+    """The QEMU log file the bundled driver gives instance ``name``."""
+    return os.path.join(BUNDLED_LOG_DIR, name + ".log")
+
+
+def _with_bundled_log(argv: Sequence[str], name: str) -> list[str]:
+    """``argv`` with its ``-D`` log moved to the bundled driver's log directory.
+
+    Our ``ctrl/NAME.log`` lives in the run directory, which the bundled
+    driver never cleans: a QEMU it starts from this command line (a reboot,
+    a migration target) must log where its own would.
+    """
+    result = list(argv)
+    for index, arg in enumerate(result[:-1]):
+        if arg == "-D":
+            result[index + 1] = bundled_log(name)
+    return result
+
+
+def _hand_over_log(paths: InstancePaths) -> None:
+    """Move the running QEMU's log from the run directory to the bundled driver's place.
+
+    QEMU keeps writing to the file it opened; what it wrote so far is kept
+    where the bundled driver keeps its logs, and nothing stays in ``ctrl/``.
+    """
+    text = fsutil.read_small_file(paths.qemu_log, limit=QEMU_LOG_LIMIT)
+    if text is None:
+        return
+    try:
+        os.makedirs(BUNDLED_LOG_DIR, mode=0o750, exist_ok=True)
+    except OSError as err:
+        raise errors.HypervisorError(
+            f"Cannot create {BUNDLED_LOG_DIR} for the QEMU log of instance {paths.name}: "
+            f"{err}") from err
+    fsutil.atomic_write(bundled_log(paths.name), text, mode=0o600)
+    fsutil.remove_file(paths.qemu_log)
+
+
 def _bundled_nic(nic: Mapping[str, Any], index: int, model: str, rom: bool) -> dict[str, Any]:
     """A NIC dict whose ``hvinfo`` makes the bundled driver spell ganeti-kvm's ``-device``.
 
@@ -380,7 +422,7 @@ def bundled_from_record(record: runtime.RuntimeRecord) -> BundledRuntime:
     model = cmdline.NIC_MODELS.get(hvp[c.HV_NIC_TYPE], str(hvp[c.HV_NIC_TYPE]))
     rom = hvp[c.HV_BOOT_ORDER] == c.HT_BO_NETWORK and not hvp[c.HV_KERNEL_PATH]
     return BundledRuntime(
-        kvm_cmd=_without_our_monitors(record.argv),
+        kvm_cmd=_with_bundled_log(_without_our_monitors(record.argv), record.name),
         nics=[_bundled_nic(n, i, model, rom) for i, n in enumerate(record.nics)],
         hvparams=hvp, disks=[])
 
@@ -416,6 +458,7 @@ def export(node: KvmNode, name: str) -> bool:
             _write_taps(paths, record)
         fsutil.atomic_write(paths.runtime_file, text, mode=0o600)
         fsutil.remove_file(kept_file(paths))
+        _hand_over_log(paths)
         if os.path.islink(paths.qmp_long_socket):
             fsutil.remove_file(paths.qmp_long_socket)
         return True
