@@ -129,8 +129,10 @@ HT_KVM = "kvm"
 HYPER_TYPES = frozenset([HT_KVM])
 
 # The value type of every hypervisor parameter
-HVS_PARAMETER_TYPES = _names.PARAMETER_TYPES
-HVS_PARAMETERS = _names.PARAMETER_KEYS
+# (the 2011 keys only: the core's Ganeti 3.x keys are not part of this contract)
+HVS_PARAMETER_TYPES = {key: vtype for key, vtype in _names.PARAMETER_TYPES.items()
+                       if key in _names.KEYS_2011}
+HVS_PARAMETERS = _names.KEYS_2011
 
 # socat's raw mode with an escape key (Ctrl+]) for serial consoles
 SOCAT_USE_ESCAPE = True
@@ -147,7 +149,8 @@ DTS_EXT_MIRROR = frozenset([DT_SHARED_FILE, DT_BLOCK])
 # The cluster defaults: the core's (every key and value of the 2011 driver's,
 # Ganeti 2.5, plus kvm_path and serial_speed, which later Ganeti versions
 # added with these same defaults).
-HVC_DEFAULTS = {HT_KVM: _names.DEFAULTS}
+HVC_DEFAULTS = {HT_KVM: {key: value for key, value in _names.DEFAULTS.items()
+                         if key in _names.KEYS_2011}}
 
 # Backend parameters
 BE_AUTO_BALANCE = "auto_balance"

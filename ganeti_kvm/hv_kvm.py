@@ -9,6 +9,7 @@ daemon's objects to plain data; the work is done by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors, hv_base, objects
-from ganeti_kvm.core import inputs, migration, params
+from ganeti_kvm.core import inputs, migration, names, params
 from ganeti_kvm.core.node import InstanceSpec, KvmNode
 from ganeti_kvm.host import paths
 from ganeti_kvm.qemu import caps as qemu_caps
@@ -60,6 +61,14 @@ def _tag_list(tags: Any) -> list[str]:
     return [str(t) for t in inputs.items("tags", tags)]
 
 
+def _with_later_keys(hvparams: Mapping[str, Any]) -> dict[str, Any]:
+    """2011 ``hvparams`` plus the core's Ganeti 3.x keys at their defaults (no effect)."""
+    filled = {key: value for key, value in names.DEFAULTS.items()
+              if key not in c.HVS_PARAMETERS}
+    filled.update(hvparams)
+    return filled
+
+
 class KVMHypervisor(hv_base.BaseHypervisor):
     """QEMU/KVM instances on this node.
 
@@ -91,7 +100,8 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     @classmethod
     def CheckParameterSyntax(cls, hvparams: Mapping[str, Any]) -> None:
         """Check the syntax of ``hvparams``, including the checks between keys."""
-        params.check_all_syntax(hvparams)
+        params.check_types(hvparams, c.HVS_PARAMETER_TYPES)  # a Ganeti 3.x key is refused
+        params.check_all_syntax(_with_later_keys(hvparams))
 
     @hv_base.ClassOrInstanceMethod
     def ValidateParameters(cls_or_self: Any, hvparams: Mapping[str, Any]) -> None:
@@ -107,12 +117,14 @@ class KVMHypervisor(hv_base.BaseHypervisor):
             caps = qemu_caps.probe(kvm_path)
         else:
             caps = cls_or_self.node.caps(kvm_path)
-        params.check_node(hvparams, caps)
+        params.check_node(_with_later_keys(hvparams), caps)
 
     @staticmethod
     def FillHvParams(hvparams: Mapping[str, Any] | None) -> dict[str, Any]:
         """The cluster defaults overlaid with ``hvparams``."""
-        return params.fill(hvparams)
+        filled = params.fill(hvparams)
+        return {key: value for key, value in filled.items()
+                if key in c.HVS_PARAMETERS or key not in names.PARAMETER_KEYS}
 
     # --- adapting the daemon's objects ---------------------------------------------
 
@@ -124,6 +136,10 @@ class KVMHypervisor(hv_base.BaseHypervisor):
         beparams.update(inputs.mapping(f"Instance {name}: beparams", _attr(instance, "beparams")))
         memory, vcpus = (_positive_be(name, beparams, key) for key in (c.BE_MEMORY, c.BE_VCPUS))
         disks = cmdline.normalize_block_devices(inputs.items("block_devices", block_devices))
+        # The 2011 driver's rule: every disk of an externally mirrored
+        # template (sharedfile, blockdev) is on shared storage, never cached.
+        if _attr(instance, "disk_template") in c.DTS_EXT_MIRROR:
+            disks = [dataclasses.replace(d, shared=True) for d in disks]
         return InstanceSpec(
             name=name, hvparams=hvparams, memory=memory, vcpus=vcpus,
             nics=[_nic_dict(n) for n in inputs.items("nics", _attr(instance, "nics"))],

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ganeti_kvm.host import process
+from ganeti_kvm.host import paths, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.cluster import ganeti_cluster  # noqa: F401  (the session's Ganeti cluster)
 from tests.fakeqmp import FakeQmp, Peer
@@ -27,6 +27,29 @@ QEMU_BINARIES = {
                            os.path.join(CACHE_DIR, "qemu-10.0", "qemu-system-x86_64")),
 }
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_run_dir() -> Iterator[str]:
+    """Keep every test off the machine's own run directory.
+
+    Calls made on the hypervisor classes (Ganeti calls ValidateParameters and
+    GetInstanceConsole on them) use the default run directory, which is
+    /var/run/ganeti/kvm-hypervisor unless GANETI_KVM_RUN_DIR says otherwise: on
+    a node that is right, in a test run it would leave a directory on the
+    machine (and the cluster tests check that nothing on the machine changes).
+    """
+    own = tempfile.mkdtemp(prefix="gk-run-", dir="/tmp")
+    before = os.environ.get(paths.RUN_DIR_ENV)
+    os.environ[paths.RUN_DIR_ENV] = own
+    try:
+        yield own
+    finally:
+        if before is None:
+            os.environ.pop(paths.RUN_DIR_ENV, None)
+        else:
+            os.environ[paths.RUN_DIR_ENV] = before
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def require(path: str, what: str) -> str:

@@ -20,6 +20,8 @@ class Caps72:
     has_chroot = True
     has_run_with_user = False
     has_run_with_chroot = False
+    has_audiodev = True  # -soundhw went in QEMU 7.1
+    has_soundhw = False
 
     def has_device(self, name: str) -> bool:
         return True

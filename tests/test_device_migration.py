@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ganeti_kvm.core import node as lifecycle
+from ganeti_kvm.core import params
 from ganeti_kvm.host import netdev, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.qemu import devices
@@ -89,8 +90,8 @@ def test_a_nic_with_a_slot_and_rom_of_its_own_migrates_with_them(pair, qemu_bin,
     inst = make_instance("dev1", hvp)
     nic = {"mac": MAC, "ip": None, "nicparams": {"mode": "bridged", "link": "br0"},
            devices.DEVICE_KEY: dict(BUNDLED_STYLE)}
-    source.node.start(lifecycle.InstanceSpec(name="dev1", hvparams=hvp, memory=128, vcpus=1,
-                                             nics=[nic]))
+    source.node.start(lifecycle.InstanceSpec(name="dev1", hvparams=params.fill(hvp),
+                                             memory=128, vcpus=1, nics=[nic]))
     serial = SerialReader(source.node.paths("dev1").serial_socket)
     serial.read_until(r"COUNTER \d+")
     expected = {"virtio-net-pci", "netdev=nic-3c5c7a6e", "id=nic-3c5c7a6e", f"mac={MAC}",

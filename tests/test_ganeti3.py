@@ -109,7 +109,7 @@ def test_a_shared_key_keeps_the_cores_checks() -> None:
         KVMHypervisor.CheckParameterSyntax(dict(params.DEFAULTS, security_model="user"))
 
 
-# --- not yet supported: hotplug, ballooning -------------------------------------------
+# --- not yet supported: hotplug -------------------------------------------------------
 
 
 def test_hotplug_says_it_is_not_supported_yet(short_dir: str) -> None:
@@ -124,8 +124,6 @@ def test_hotplug_says_it_is_not_supported_yet(short_dir: str) -> None:
     for call in calls:
         with pytest.raises(_ganeti.HotplugError, match="not supported by ganeti-kvm yet"):
             call()
-    with pytest.raises(_ganeti.HypervisorError, match="Ballooning instance hp1"):
-        hv.BalloonInstanceMemory(inst, 32)
 
 
 def test_errors_leave_as_ganetis_hypervisor_error(short_dir: str) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors, objects
+from ganeti_kvm.core import names
 from ganeti_kvm.core import params as validation
 from ganeti_kvm.core.node import InstanceSpec
 from ganeti_kvm.host.paths import RunDir
@@ -117,6 +118,9 @@ CASES: dict[str, tuple[str, Callable[[str], list[str]]]] = {
         [cmdline.NicSpec(v, "52:54:00:12:34:56", 5)], boot_network=False, name="web1")),
     "incoming": ("tcp:192.0.2.1:8102", lambda v: cmdline.start_flags(incoming=v)),
     c.HV_KEYMAP: ("en-us", lambda v: build(keymap=v, vnc_bind_address="127.0.0.1")),
+    names.HV_KVM_MACHINE_VERSION: ("pc-i440fx-7.2", lambda v: build(machine_version=v)),
+    names.HV_SOUNDHW: ("hda", lambda v: build(soundhw=v)),
+    names.HV_USB_DEVICES: ("tablet", lambda v: build(usb_devices=v)),
 }
 
 
@@ -165,11 +169,15 @@ def test_every_value_is_refused_or_escaped(place: str, char: str) -> None:
 def test_the_table_covers_every_free_text_parameter_the_command_line_uses() -> None:
     """A guard: a text parameter that cmdline.py starts to use needs a row in CASES."""
     with open(cmdline.__file__, encoding="utf-8") as handle:
-        used = {getattr(c, n) for n in re.findall(r"\bc\.(HV_[A-Z0-9_]+)", handle.read())}
+        used = {getattr(names, n)
+                for n in re.findall(r"\bc\.(HV_[A-Z0-9_]+)", handle.read())}
     free_text = {key for key, (_, _, message, _, _) in validation.PARAMETERS.items()
-                 if c.HVS_PARAMETER_TYPES[key] in (c.VTYPE_STRING, c.VTYPE_MAYBE_STRING)
+                 if names.PARAMETER_TYPES[key] in (c.VTYPE_STRING, c.VTYPE_MAYBE_STRING)
                  and not (message or "").startswith("must be one of")}
     never_in_argv = {c.HV_VNC_PASSWORD_FILE}  # read by the library, sent over QMP
+    # QEMU options by definition, each word a whole argv element after ours, checked word
+    # by word against the library's own options in tests/test_devices_params.py.
+    never_in_argv.add(names.HV_KVM_EXTRA)
     covered = {place.split(" (")[0] for place in CASES}
     assert (used & free_text) - never_in_argv <= covered
 
@@ -265,8 +273,8 @@ def test_start_with_an_injected_mac_starts_nothing(ns_hv, qemu72, mac) -> None:
 
 def test_core_start_checks_macs_without_the_adapter(ns_hv, qemu72) -> None:
     """The contract-neutral core refuses a bad MAC too (a future adapter gets it)."""
-    hvparams = dict(c.HVC_DEFAULTS[c.HT_KVM], kvm_path=qemu72, kernel_path="",
-                    serial_console=False, kvm_flag="disabled")
+    hvparams = validation.fill({"kvm_path": qemu72, "kernel_path": "",
+                                "serial_console": False, "kvm_flag": "disabled"})
     spec = InstanceSpec(name="inj2", hvparams=hvparams, memory=64, vcpus=1,
                         nics=[{"mac": BAD_MACS[0], "nicparams": {}}])
     with pytest.raises(errors.ParameterError, match="NIC 0"):

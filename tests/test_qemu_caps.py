@@ -27,7 +27,8 @@ from ganeti_kvm.qemu.caps import QemuCaps
 DATA = Path(__file__).parent / "data"
 VERSIONS = ("7.2", "10.0")
 FILES = {"version": "version.txt", "help": "help.txt", "machine": "machine-help.txt",
-         "device": "device-help.txt", "accel": "accel-help.txt", "netdev": "netdev-help.txt"}
+         "device": "device-help.txt", "accel": "accel-help.txt", "netdev": "netdev-help.txt",
+         "cpu": "cpu-definitions.txt"}
 ARGS_TO_FILE = {" ".join(args): FILES[name] for name, args in qemu_caps.PROBE_COMMANDS.items()}
 
 COMMON_OPTIONS = {"rtc", "netdev", "display", "daemonize", "nodefaults", "mem-path",
@@ -386,12 +387,15 @@ def test_probe_fake_binary(tmp_path: Path, popen: PopenCounter) -> None:
     caps = qemu_caps.probe(str(script))
     assert caps == qemu_caps.build_caps(str(script), outputs("10.0"))
     assert caps.path == str(script)
-    assert popen.count == len(qemu_caps.PROBE_COMMANDS)
-    assert sorted(calls(tmp_path)) == sorted(ARGS_TO_FILE)
+    assert popen.count == qemu_caps.PROBE_PROCESSES
+    aio = [" ".join(qemu_caps.aio_probe_argv(str(script), mode)[1:])
+           for mode in qemu_caps.PROBED_AIO_MODES]
+    assert sorted(calls(tmp_path)) == sorted([*ARGS_TO_FILE, *aio])
+    assert caps.aio_modes == frozenset()  # the fake refuses the aio probe: no io_uring
     # the second call runs no process at all
     popen.forbid = True
     assert qemu_caps.probe(str(script)) is caps
-    assert popen.count == len(qemu_caps.PROBE_COMMANDS) + 0
+    assert popen.count == qemu_caps.PROBE_PROCESSES + 0
 
 
 def test_probe_through_symlink_shares_entry(tmp_path: Path, popen: PopenCounter) -> None:
@@ -414,7 +418,7 @@ def test_probe_mtime_change_invalidates(tmp_path: Path, popen: PopenCounter) -> 
     os.utime(script, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     caps = qemu_caps.probe(str(script))
     assert caps.has_run_with_user and not caps.has_runas
-    assert popen.count == 2 * len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == 2 * qemu_caps.PROBE_PROCESSES
 
 
 def test_probe_runs_commands_concurrently(tmp_path: Path) -> None:
@@ -436,7 +440,7 @@ def test_probe_threads_share_one_probe(tmp_path: Path, popen: PopenCounter) -> N
     for thread in threads:
         thread.join()
     assert len(results) == 8 and all(r == results[0] for r in results)
-    assert popen.count == len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == qemu_caps.PROBE_PROCESSES
 
 
 # --- the disk cache ------------------------------------------------------------------------
@@ -460,7 +464,7 @@ def test_disk_cache_shared_between_processes(tmp_path: Path, popen: PopenCounter
     qemu_caps.clear_cache()
     popen.forbid = True
     assert qemu_caps.probe(str(script), cache_dir=str(cache_dir)) == caps
-    assert len(calls(tmp_path)) == len(qemu_caps.PROBE_COMMANDS)
+    assert len(calls(tmp_path)) == qemu_caps.PROBE_PROCESSES
 
 
 @pytest.mark.parametrize("garbage", [
@@ -477,7 +481,7 @@ def test_corrupt_disk_cache_is_rewritten(tmp_path: Path, popen: PopenCounter,
     cache_file.write_text(garbage, encoding="utf-8")
     qemu_caps.clear_cache()
     assert qemu_caps.probe(str(script), cache_dir=str(cache_dir)) == expected
-    assert popen.count == 2 * len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == 2 * qemu_caps.PROBE_PROCESSES
     assert json.loads(cache_file.read_text(encoding="utf-8"))["caps"] == expected.to_dict()
 
 
@@ -491,7 +495,7 @@ def test_damaged_caps_in_disk_cache(tmp_path: Path, popen: PopenCounter) -> None
     cache_file.write_text(json.dumps(document), encoding="utf-8")
     qemu_caps.clear_cache()
     assert qemu_caps.probe(str(script), cache_dir=str(cache_dir)).has_run_with
-    assert popen.count == 2 * len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == 2 * qemu_caps.PROBE_PROCESSES
 
 
 def test_disk_cache_stale_after_upgrade(tmp_path: Path, popen: PopenCounter) -> None:
@@ -504,7 +508,7 @@ def test_disk_cache_stale_after_upgrade(tmp_path: Path, popen: PopenCounter) -> 
     qemu_caps.clear_cache()
     assert qemu_caps.probe(str(script), cache_dir=str(cache_dir)).version == (10, 0, 2)
     assert len(cache_files(cache_dir)) == 1  # overwritten, not piled up
-    assert popen.count == 2 * len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == 2 * qemu_caps.PROBE_PROCESSES
 
 
 def test_unwritable_cache_dir_still_probes(tmp_path: Path) -> None:
@@ -579,7 +583,7 @@ def test_real_probe(qemu_bin: str, tmp_path: Path, popen: PopenCounter) -> None:
     print(f"\n{qemu_bin}: QEMU {caps.version}, uncached probe {uncached * 1000:.1f} ms, "
           f"in-process cached {cached * 1e6:.1f} us, disk cached {disk * 1000:.2f} ms")
     assert again is caps and from_disk == caps
-    assert popen.count == len(qemu_caps.PROBE_COMMANDS)
+    assert popen.count == qemu_caps.PROBE_PROCESSES
     assert caps.path == qemu_bin
     assert caps.options >= COMMON_OPTIONS
     assert caps.devices >= COMMON_DEVICES

@@ -8,7 +8,6 @@ import stat
 
 import pytest
 
-from ganeti_kvm import constants as c
 from ganeti_kvm import errors
 from ganeti_kvm.core import legacy, runtime
 from ganeti_kvm.core import params as validation
@@ -80,8 +79,9 @@ def test_upgrade_from_the_2011_format(tmp_path) -> None:
                               "nicparams": {"mode": "bridged", "link": "br0"},
                               "device": legacy.nic_device_2011(0).to_dict()}
     assert loaded.nics[1]["ip"] == "192.0.2.9"
-    # Today's keys, all of them: the binary from the command line, the rest as in 2011
-    assert set(loaded.hvparams) == set(c.HVC_DEFAULTS[c.HT_KVM])
+    # The core's keys, all of them (the 2011 ones and the later ones at their
+    # defaults): the binary from the command line, the rest as in 2011
+    assert set(loaded.hvparams) == set(validation.PARAMETERS)
     assert loaded.hvparams["kvm_path"] == "/usr/bin/kvm"
     assert loaded.hvparams["disk_cache"] == "writeback"
     assert loaded.hvparams["kvm_flag"] == "disabled"

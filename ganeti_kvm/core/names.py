@@ -58,6 +58,7 @@ HV_MIGRATION_PORT = "migration_port"
 HV_MIGRATION_BANDWIDTH = "migration_bandwidth"
 HV_MIGRATION_DOWNTIME = "migration_downtime"
 HV_MIGRATION_MODE = "migration_mode"
+HV_KVM_MIGRATION_CAPS = "migration_caps"
 HV_USE_LOCALTIME = "use_localtime"
 HV_DISK_CACHE = "disk_cache"
 HV_SECURITY_MODEL = "security_model"
@@ -67,6 +68,22 @@ HV_VHOST_NET = "vhost_net"
 HV_KVM_USE_CHROOT = "use_chroot"
 HV_MEM_PATH = "mem_path"
 HV_KVM_PATH = "kvm_path"
+HV_KVM_DISK_AIO = "disk_aio"
+HV_DISK_DISCARD = "disk_discard"
+HV_KVM_SCSI_CONTROLLER_TYPE = "scsi_controller_type"
+HV_CPU_MASK = "cpu_mask"
+HV_CPU_TYPE = "cpu_type"
+HV_CPU_CORES = "cpu_cores"
+HV_CPU_THREADS = "cpu_threads"
+HV_CPU_SOCKETS = "cpu_sockets"
+HV_KVM_MACHINE_VERSION = "machine_version"
+HV_VGA = "vga"
+HV_SOUNDHW = "soundhw"
+HV_USB_DEVICES = "usb_devices"
+HV_KVM_EXTRA = "kvm_extra"
+HV_VNET_HDR = "vnet_hdr"
+HV_VIRTIO_NET_QUEUES = "virtio_net_queues"
+HV_KVM_PCI_RESERVATIONS = "kvm_pci_reservations"
 
 # Value types of hypervisor parameters
 VTYPE_STRING = "string"
@@ -104,6 +121,7 @@ PARAMETER_TYPES: dict[str, str] = {
     HV_MIGRATION_BANDWIDTH: VTYPE_INT,
     HV_MIGRATION_DOWNTIME: VTYPE_INT,
     HV_MIGRATION_MODE: VTYPE_STRING,
+    HV_KVM_MIGRATION_CAPS: VTYPE_STRING,
     HV_USE_LOCALTIME: VTYPE_BOOL,
     HV_DISK_CACHE: VTYPE_STRING,
     HV_SECURITY_MODEL: VTYPE_STRING,
@@ -113,8 +131,38 @@ PARAMETER_TYPES: dict[str, str] = {
     HV_KVM_USE_CHROOT: VTYPE_BOOL,
     HV_MEM_PATH: VTYPE_STRING,
     HV_KVM_PATH: VTYPE_STRING,
+    HV_KVM_DISK_AIO: VTYPE_STRING,
+    HV_DISK_DISCARD: VTYPE_STRING,
+    HV_KVM_SCSI_CONTROLLER_TYPE: VTYPE_STRING,
+    HV_CPU_MASK: VTYPE_STRING,
+    HV_CPU_TYPE: VTYPE_STRING,
+    HV_CPU_CORES: VTYPE_INT,
+    HV_CPU_THREADS: VTYPE_INT,
+    HV_CPU_SOCKETS: VTYPE_INT,
+    HV_KVM_MACHINE_VERSION: VTYPE_STRING,
+    HV_VGA: VTYPE_STRING,
+    HV_SOUNDHW: VTYPE_STRING,
+    HV_USB_DEVICES: VTYPE_STRING,
+    HV_KVM_EXTRA: VTYPE_STRING,
+    HV_VNET_HDR: VTYPE_BOOL,
+    HV_VIRTIO_NET_QUEUES: VTYPE_INT,
+    HV_KVM_PCI_RESERVATIONS: VTYPE_INT,
 }
 PARAMETER_KEYS = frozenset(PARAMETER_TYPES)
+# The 2011 contract's keys (constants.HVS_PARAMETERS): Ganeti 2.5's, plus
+# kvm_path and serial_speed.  Every other key is Ganeti 3.x's: only the
+# Ganeti 3 contract offers it.
+KEYS_2011 = frozenset([
+    HV_KERNEL_PATH, HV_INITRD_PATH, HV_ROOT_PATH, HV_KERNEL_ARGS, HV_ACPI,
+    HV_SERIAL_CONSOLE, HV_SERIAL_SPEED, HV_VNC_BIND_ADDRESS, HV_VNC_TLS, HV_VNC_X509,
+    HV_VNC_X509_VERIFY, HV_VNC_PASSWORD_FILE, HV_KVM_SPICE_BIND, HV_KVM_SPICE_IP_VERSION,
+    HV_KEYMAP, HV_REBOOT_BEHAVIOR, HV_KVM_FLOPPY_IMAGE_PATH, HV_CDROM_IMAGE_PATH,
+    HV_KVM_CDROM2_IMAGE_PATH, HV_BOOT_ORDER, HV_NIC_TYPE, HV_DISK_TYPE,
+    HV_KVM_CDROM_DISK_TYPE, HV_USB_MOUSE, HV_MIGRATION_PORT, HV_MIGRATION_BANDWIDTH,
+    HV_MIGRATION_DOWNTIME, HV_MIGRATION_MODE, HV_USE_LOCALTIME, HV_DISK_CACHE,
+    HV_SECURITY_MODEL, HV_SECURITY_DOMAIN, HV_KVM_FLAG, HV_VHOST_NET, HV_KVM_USE_CHROOT,
+    HV_MEM_PATH, HV_KVM_PATH,
+])
 
 # Boot order
 HT_BO_FLOPPY = "floppy"
@@ -160,6 +208,29 @@ HT_VALID_CACHE_TYPES = frozenset([
     HT_CACHE_DEFAULT, HT_CACHE_NONE, HT_CACHE_WTHROUGH, HT_CACHE_WBACK,
 ])
 
+# How QEMU submits a disk's I/O to the host (HV_KVM_DISK_AIO): a thread
+# pool (QEMU's default), Linux native AIO (needs O_DIRECT, so cache=none),
+# or io_uring (needs a QEMU built with it and a kernel that allows it)
+HT_KVM_AIO_THREADS = "threads"
+HT_KVM_AIO_NATIVE = "native"
+HT_KVM_AIO_IO_URING = "io_uring"
+HT_KVM_VALID_AIO_TYPES = frozenset([HT_KVM_AIO_THREADS, HT_KVM_AIO_NATIVE, HT_KVM_AIO_IO_URING])
+
+# What a guest's discard (TRIM/UNMAP) request does (HV_DISK_DISCARD):
+# QEMU's default, ignored, or passed on to the host storage
+HT_DISCARD_DEFAULT = "default"
+HT_DISCARD_IGNORE = "ignore"
+HT_DISCARD_UNMAP = "unmap"
+HT_VALID_DISCARD_TYPES = frozenset([HT_DISCARD_DEFAULT, HT_DISCARD_IGNORE, HT_DISCARD_UNMAP])
+
+# The SCSI controller of disk_type scsi (HV_KVM_SCSI_CONTROLLER_TYPE)
+HT_SCSI_CONTROLLER_LSI = "lsi"
+HT_SCSI_CONTROLLER_MEGASAS = "megasas"
+HT_SCSI_CONTROLLER_VIRTIO = "virtio-scsi-pci"
+HT_KVM_VALID_SCSI_CONTROLLER_TYPES = frozenset([
+    HT_SCSI_CONTROLLER_LSI, HT_SCSI_CONTROLLER_MEGASAS, HT_SCSI_CONTROLLER_VIRTIO,
+])
+
 # USB pointing devices
 HT_MOUSE_MOUSE = "mouse"
 HT_MOUSE_TABLET = "tablet"
@@ -180,6 +251,17 @@ HT_KVM_FLAG_VALUES = frozenset([HT_KVM_ENABLED, HT_KVM_DISABLED])
 HT_MIGRATION_LIVE = "live"
 HT_MIGRATION_NONLIVE = "non-live"
 HT_MIGRATION_MODES = frozenset([HT_MIGRATION_LIVE, HT_MIGRATION_NONLIVE])
+# QEMU migration capabilities HV_KVM_MIGRATION_CAPS may name (a colon-separated
+# list): those that speed up or converge a migration and that both QEMUs
+# (7.2, 10.0) have.  They are set on both ends; postcopy-ram lets the library
+# switch a migration that does not converge to post-copy.
+MIGRATION_CAPS_SEP = ":"
+MIGRATION_CAP_POSTCOPY = "postcopy-ram"
+MIGRATION_CAP_AUTO_CONVERGE = "auto-converge"
+HT_KVM_VALID_MIGRATION_CAPS = frozenset([
+    "xbzrle", MIGRATION_CAP_AUTO_CONVERGE, MIGRATION_CAP_POSTCOPY, "multifd", "release-ram",
+    "postcopy-preempt",
+])
 
 # What a guest's reboot does (HV_REBOOT_BEHAVIOR)
 INSTANCE_REBOOT_ALLOWED = "reboot"
@@ -196,6 +278,41 @@ VALID_IP_VERSIONS = frozenset([IP4_VERSION, IP6_VERSION])
 VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
                        14400, 19200, 28800, 38400, 57600, 115200, 230400,
                        345600, 460800)
+
+# Display adapters (HV_VGA): the values of QEMU's -vga for a PC machine
+HT_VGA_STD = "std"
+HT_VGA_CIRRUS = "cirrus"
+HT_VGA_VMWARE = "vmware"
+HT_VGA_QXL = "qxl"
+HT_VGA_VIRTIO = "virtio"
+HT_VGA_NONE = "none"
+HT_KVM_VALID_VGA_TYPES = frozenset([HT_VGA_STD, HT_VGA_CIRRUS, HT_VGA_VMWARE, HT_VGA_QXL,
+                                    HT_VGA_VIRTIO, HT_VGA_NONE])
+
+# Sound cards (HV_SOUNDHW, a comma-separated list): the names of QEMU's old -soundhw
+HT_SOUND_HDA = "hda"
+HT_KVM_VALID_SOUND_TYPES = frozenset([HT_SOUND_HDA, "ac97", "es1370", "sb16", "cs4231a",
+                                      "adlib", "gus", "pcspk"])
+
+# USB devices (HV_USB_DEVICES, a space- or comma-separated list): the names of
+# QEMU's old -usbdevice (but braille, which needs a chardev), plus
+# host:BUS.ADDR and host:VENDOR:PRODUCT passthrough
+HT_KVM_VALID_USB_TYPES = frozenset(["mouse", "tablet", "keyboard", "wacom-tablet"])
+
+# Queues of a virtio NIC's TAP device (HV_VIRTIO_NET_QUEUES): Ganeti's limit
+MAX_VIRTIO_NET_QUEUES = 8
+
+# PCI slots QEMU places its own devices in before the instance's NICs and disks
+# (HV_KVM_PCI_RESERVATIONS): Ganeti's QEMU_PCI_SLOTS and its default reservation.
+QEMU_PCI_SLOTS = 32
+QEMU_DEFAULT_PCI_RESERVATIONS = 12
+# Slots 0-2 of a PC machine are the host bridge, the ISA bridge and the display
+MIN_PCI_RESERVATIONS = 3
+
+# CPU pinning (HV_CPU_MASK): one entry per vCPU, or one for all of them, each
+# a CPU list ("0-2,5") or "all" (no pinning)
+CPU_PINNING_SEP = ":"
+CPU_PINNING_ALL = "all"
 
 KVM_PATH = "/usr/bin/kvm"
 SOCAT_PATH = "/usr/bin/socat"
@@ -232,6 +349,7 @@ DEFAULTS: dict[str, object] = {
     HV_MIGRATION_BANDWIDTH: 32,
     HV_MIGRATION_DOWNTIME: 30,
     HV_MIGRATION_MODE: HT_MIGRATION_LIVE,
+    HV_KVM_MIGRATION_CAPS: "",  # Ganeti 3.x's key, with Ganeti 3.0's default
     HV_USE_LOCALTIME: False,
     HV_DISK_CACHE: HT_CACHE_DEFAULT,
     HV_SECURITY_MODEL: HT_SM_NONE,
@@ -241,6 +359,23 @@ DEFAULTS: dict[str, object] = {
     HV_KVM_USE_CHROOT: False,
     HV_MEM_PATH: "",
     HV_REBOOT_BEHAVIOR: INSTANCE_REBOOT_ALLOWED,
+    HV_KVM_DISK_AIO: HT_KVM_AIO_THREADS,
+    HV_DISK_DISCARD: HT_DISCARD_DEFAULT,
+    HV_KVM_SCSI_CONTROLLER_TYPE: HT_SCSI_CONTROLLER_LSI,
+    HV_CPU_MASK: CPU_PINNING_ALL,
+    HV_CPU_TYPE: "",
+    HV_CPU_CORES: 0,
+    HV_CPU_THREADS: 0,
+    HV_CPU_SOCKETS: 0,
+    HV_KVM_MACHINE_VERSION: "",
+    # Ganeti 3.x's keys, with Ganeti 3.0's defaults
+    HV_VGA: "",
+    HV_SOUNDHW: "",
+    HV_USB_DEVICES: "",
+    HV_KVM_EXTRA: "",
+    HV_VNET_HDR: True,
+    HV_VIRTIO_NET_QUEUES: 1,
+    HV_KVM_PCI_RESERVATIONS: 12,
 }
 
 # Backend parameters the core reads

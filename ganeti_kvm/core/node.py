@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_kvm import errors
-from ganeti_kvm.core import legacy, params, runtime
+from ganeti_kvm.core import legacy, params, pinning, runtime
 from ganeti_kvm.core import names as c
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
 from ganeti_kvm.host.paths import InstancePaths, RunDir
@@ -171,6 +171,7 @@ class KvmNode:
     def start(self, spec: InstanceSpec, paused: bool = False) -> None:
         """Start ``spec`` and return once QEMU runs and answers on QMP."""
         caps = self.check_params(spec.hvparams)
+        pinning.check_vcpus(spec.hvparams.get(c.HV_CPU_MASK) or c.CPU_PINNING_ALL, spec.vcpus)
         with self.locked(spec.name, "start") as paths:
             if self.running_pid(spec.name) is not None:
                 raise errors.HypervisorError(
@@ -193,7 +194,9 @@ class KvmNode:
             name=record.name, memory=int(record.beparams[c.BE_MEMORY]),
             vcpus=int(record.beparams[c.BE_VCPUS]), uuid=record.uuid,
             network_port=record.network_port,
-            run_as=self._run_as(record.hvparams, record.uid), machine=record.machine)
+            run_as=self._run_as(record.hvparams, record.uid), machine=record.machine,
+            balloon=None if record.balloon is None else devices.DeviceId.from_dict(
+                record.balloon, f"the balloon of instance {record.name}"))
         disks = [cmdline.BlockDevice.from_dict(d) for d in record.disks]
         return cmdline.build_argv(spec, disks, record.hvparams, caps, paths)
 
@@ -228,6 +231,11 @@ class KvmNode:
                     caps = self._check_upgraded(record)
                     record.upgraded_from = None  # from now on a record of this library
                 caps = caps or self.caps(record.hvparams[c.HV_KVM_PATH])
+                if incoming is None:
+                    record.balloon_memory = None  # a new QEMU starts with all its memory
+                    # A fresh QEMU need match no other: a record written before
+                    # balloons existed gets one now (a migration target must not).
+                    give_balloon(record)
                 record.machine = pin_machine(record, caps)
                 record.argv = self.build_argv(record, caps, paths)
                 record.qemu_version = list(caps.version)
@@ -297,15 +305,16 @@ class KvmNode:
         argv = list(record.argv)
         argv += cmdline.build_nic_argv(
             [cmdline.NicSpec(model=cmdline.NIC_MODELS.get(hvp[c.HV_NIC_TYPE], ""),
-                             mac=nic["mac"], fd=fd, vhost=bool(hvp[c.HV_VHOST_NET]),
-                             device=devices.identity_of(nic, f"NIC {index} of {record.name}"))
-             for index, (nic, (fd, _)) in enumerate(zip(record.nics, taps, strict=True))],
+                             mac=nic["mac"], fd=fds[0], vhost=bool(hvp[c.HV_VHOST_NET]),
+                             device=devices.identity_of(nic, f"NIC {index} of {record.name}"),
+                             queue_fds=tuple(fds) if len(fds) > 1 else ())
+             for index, (nic, (fds, _)) in enumerate(zip(record.nics, taps, strict=True))],
             boot_network=hvp[c.HV_BOOT_ORDER] == c.HT_BO_NETWORK and not hvp[c.HV_KERNEL_PATH],
             name=record.name)
         argv += cmdline.start_flags(paused=True, incoming=incoming)
         undo.push("remove sockets and pidfile", lambda: self._remove_leftovers(paths))
-        self._launch(argv, [fd for fd, _ in taps], record.name, paths)
-        for fd, _ in taps:
+        self._launch(argv, [fd for fds, _ in taps for fd in fds], record.name, paths)
+        for fd in (fd for fds, _ in taps for fd in fds):
             os.close(fd)  # QEMU holds its own copies now
         pid = process.read_pidfile(paths.pidfile)
         if pid is None:
@@ -322,6 +331,9 @@ class KvmNode:
             with QmpClient(paths.qmp_long_socket, timeout=QMP_READY_TIMEOUT) as qmp:
                 qmp.connect()
                 qmp.execute("query-status")
+                # before the guest runs a single instruction (start, reboot, target)
+                pinning.apply(record.name, pid, hvp, int(record.beparams[c.BE_VCPUS]),
+                              qmp.execute)
                 if run_ifup:
                     self._configure_nics(record)
                 password_file = hvp[c.HV_VNC_PASSWORD_FILE]
@@ -406,16 +418,23 @@ class KvmNode:
     # --- NICs (TAP devices and the ifup hook) --------------------------------
 
     def _open_taps(self, record: runtime.RuntimeRecord,
-                   undo: _StartUndo) -> list[tuple[int, str]]:
+                   undo: _StartUndo) -> list[tuple[list[int], str]]:
         if not record.nics:
             return []
-        vnet_hdr = record.hvparams[c.HV_NIC_TYPE] == c.HT_NIC_PARAVIRTUAL
+        # Ganeti 3's vnet_hdr (on unless set off; a record from before it has none)
+        vnet_hdr = (record.hvparams[c.HV_NIC_TYPE] == c.HT_NIC_PARAVIRTUAL
+                    and record.hvparams.get(c.HV_VNET_HDR, True) is not False)
         taps = []
+        # Ganeti 3's virtio_net_queues: one TAP queue per virtio queue
+        queues = (record.hvparams.get(c.HV_VIRTIO_NET_QUEUES, 1)
+                  if record.hvparams[c.HV_NIC_TYPE] == c.HT_NIC_PARAVIRTUAL else 1)
         for nic in record.nics:
-            fd, name = netdev.open_tap(vnet_hdr=vnet_hdr, netns=self.netns)
-            undo.push(f"close tap {name}", lambda fd=fd: _close_quietly(fd))
+            fds, name = netdev.open_tap_queues(vnet_hdr=vnet_hdr, queues=queues,
+                                               netns=self.netns)
+            for fd in fds:
+                undo.push(f"close tap {name}", lambda fd=fd: _close_quietly(fd))
             nic["tap"] = name
-            taps.append((fd, name))
+            taps.append((fds, name))
         return taps
 
     def _configure_nics(self, record: runtime.RuntimeRecord) -> None:
@@ -705,6 +724,41 @@ class KvmNode:
         with QmpClient(paths.qmp_socket, timeout=timeout) as client:
             client.execute(command)
 
+    def balloon(self, name: str, memory: int, timeout: float = 10.0) -> None:
+        """Set running instance ``name``'s balloon so the guest has ``memory`` MiB.
+
+        QMP ``balloon`` asks the guest's virtio-balloon driver to give back
+        (or take again) memory down to (up to) ``memory``; the value is kept
+        in the record, which the listing reports.  Refused, in QEMU's words,
+        for a QEMU without a balloon device (started before this library
+        gave one); a QEMU another driver started with a balloon works too.
+        """
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+            raise errors.ParameterError(
+                f"Cannot balloon instance {name}: the memory must be a whole number of MiB "
+                f"greater than zero, not {memory!r}", "memory", memory)
+        with self.locked(name, "balloon") as paths:
+            record = self.load_record(name) if self.running_pid(name) is not None else None
+            if record is None:
+                raise errors.InstanceNotRunning(
+                    f"Cannot balloon instance {name}: it is not running")
+            maximum = int(record.beparams[c.BE_MEMORY])
+            if memory > maximum:
+                raise errors.ParameterError(
+                    f"Cannot balloon instance {name} to {memory} MiB: it was started with "
+                    f"{maximum} MiB, the most a balloon can give it; restart it with more "
+                    "memory instead", "memory", memory)
+            try:
+                with QmpClient(paths.qmp_socket, timeout=timeout) as client:
+                    client.execute("balloon", {"value": memory * 1024 * 1024})
+            except errors.QmpCommandError as err:
+                raise errors.HypervisorError(
+                    f"Cannot balloon instance {name}: QEMU said {err.desc or err}; its QEMU "
+                    "was started without a balloon device: restart the instance to give it "
+                    "one") from err
+            record.balloon_memory = None if memory == maximum else memory
+            runtime.save(paths.runtime_file, record)
+
     def run_state(self, name: str) -> str:
         """QEMU's run state of running instance ``name`` (``running``, ``paused``, ...)."""
         paths = self.paths(name)
@@ -742,16 +796,57 @@ def assign_devices(record: runtime.RuntimeRecord) -> None:
             for i, n in enumerate(record.nics)]
     disks = [devices.identity_of(d, f"disk {i} of {record.name}")
              for i, d in enumerate(record.disks)]
+    first_slot = int(hvp.get(c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT))
     if all(i is not None for i in nics + disks):
+        _assign_balloon(record, nics + disks, first_slot)
         return
     nic_ids, disk_ids = devices.allocate(
         nics, disks, nic_on_pci=hvp.get(c.HV_NIC_TYPE) != c.HT_NIC_NE2K_ISA,
         disk_on_pci=hvp.get(c.HV_DISK_TYPE) == c.HT_DISK_PARAVIRTUAL,
         rom=hvp.get(c.HV_BOOT_ORDER) == c.HT_BO_NETWORK and not hvp.get(c.HV_KERNEL_PATH),
-        disk_type=str(hvp.get(c.HV_DISK_TYPE)), name=record.name)
+        disk_type=str(hvp.get(c.HV_DISK_TYPE)), name=record.name,
+        first_slot=int(hvp.get(c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT)))
     for entry, ident in [*zip(record.nics, nic_ids, strict=True),
                          *zip(record.disks, disk_ids, strict=True)]:
         entry[devices.DEVICE_KEY] = ident.to_dict()
+    _assign_balloon(record, [*nic_ids, *disk_ids], first_slot)
+
+
+BALLOON_ID = "balloon0"
+
+
+def give_balloon(record: runtime.RuntimeRecord) -> None:
+    """Give ``record`` a balloon device if it has none, beside its NICs' and disks' slots."""
+    if record.balloon is not None:
+        return
+    identities = [devices.identity_of(e, f"device {i} of {record.name}")
+                  for i, e in enumerate([*record.nics, *record.disks])]
+    _assign_balloon(record, identities, int(record.hvparams.get(
+        c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT)))
+
+
+def _assign_balloon(record: runtime.RuntimeRecord,
+                    identities: Sequence[devices.DeviceId | None],
+                    first_slot: int = devices.FIRST_FREE_SLOT) -> None:
+    """Give a new ``record`` its virtio-balloon device: ``balloon0`` on the last free slot.
+
+    Placed after the NICs and disks got theirs, on the highest slot they
+    left (down to ``first_slot``), so they keep the slots they had before
+    instances got a balloon, and the slots after theirs stay free for
+    devices added later; kept in the record for every later start
+    (reboot, migration target).
+    """
+    if record.balloon is not None:
+        return
+    used = devices.used_slots(identities)
+    slot = next((s for s in range(devices.PCI_SLOTS - 1, first_slot - 1, -1)
+                 if s not in used), None)
+    if slot is None:  # every slot holds a NIC or disk: they matter more
+        log.warning("Instance %s gets no balloon device: its NICs and disks hold every PCI "
+                    "slot from %d on; it cannot be ballooned", record.name, first_slot)
+        return
+    record.balloon = devices.DeviceId(backend=BALLOON_ID, id=BALLOON_ID, bus=devices.PCI_BUS,
+                                      addr=hex(slot)).to_dict()
 
 
 def pin_machine(record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps) -> str | None:
@@ -760,11 +855,22 @@ def pin_machine(record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps) -> str 
     A record's type is kept on every later start and refused up front (with
     what to do) if this QEMU lacks it, rather than letting QEMU fail later,
     or, on a migration target, the migration break with "Broken pipe".  A
-    record without one takes this QEMU's ``pc`` type (None if its alias
-    table names none: then QEMU resolves ``pc`` itself).
+    record without one takes its ``machine_version`` (an alias resolved to
+    the versioned type, refused naming the key if this QEMU lacks it), else
+    this QEMU's ``pc`` type (None if its alias table names none: then QEMU
+    resolves ``pc`` itself).
     """
     if record.machine is None:
-        return caps.pinned_machine()
+        wanted = record.hvparams.get(c.HV_KVM_MACHINE_VERSION) or ""
+        if not wanted:
+            return caps.pinned_machine()
+        reason = caps.missing_machine(wanted)
+        if reason is not None:
+            raise errors.ParameterError(
+                f"Cannot start instance {record.name}: {c.HV_KVM_MACHINE_VERSION} is "
+                f"{wanted!r} but {reason}; set {c.HV_KVM_MACHINE_VERSION} to a machine type "
+                f"of this QEMU, or to \"\" for its pc type", c.HV_KVM_MACHINE_VERSION, wanted)
+        return caps.resolve_machine(wanted)  # an alias (q35) is pinned as its versioned type
     reason = caps.missing_machine(record.machine)
     if reason is not None:
         raise errors.HypervisorError(
@@ -829,10 +935,26 @@ def _describe(found: Iterable[tuple[InstancePaths, process.QemuProcess]]) -> lis
     described = []
     for paths, proc, ticket in asked:
         memory, vcpus = _memory_vcpus(proc.argv)
+        memory = _ballooned(paths) or memory
         state = _run_state(None if ticket is None else answers[ticket])
         described.append(InstanceInfo(name=paths.name, pid=proc.pid, memory=memory,
                                       vcpus=vcpus, state=state, cpu_time=proc.stat.cpu_time))
     return described
+
+
+def _ballooned(paths: InstancePaths) -> int | None:
+    """The memory (MiB) the instance's balloon was set to, kept in its record; None if none.
+
+    The record, not QEMU: asking each monitor ``query-balloon`` as well
+    would cost every listing a command per instance, for a value that only
+    :meth:`KvmNode.balloon` changes.  A record that cannot be read (an
+    instance another driver started) counts as not ballooned.
+    """
+    try:
+        raw = fsutil.read_small_file(paths.runtime_file, limit=16 << 20)
+    except errors.GenericError:
+        return None
+    return None if raw is None else runtime.balloon_memory_of(raw, paths.name)
 
 
 def _run_state(status: Any) -> str:

@@ -20,12 +20,18 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
+import re
+import shlex
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.core import pinning
+from ganeti_kvm.host import affinity
+from ganeti_kvm.qemu import cmdline, peripherals
+from ganeti_kvm.qemu import cpu as qemu_cpu
+from ganeti_kvm.qemu.caps import is_machine_name
 
 Check = tuple[bool, Callable[[Any], bool] | None, str | None,
               Callable[[Any], bool] | None, str | None]
@@ -114,6 +120,25 @@ MIGRATION_MODE_CHECK: Check = (
     True, lambda value: value in c.HT_MIGRATION_MODES,
     "must be one of " + ", ".join(sorted(c.HT_MIGRATION_MODES)),
     None, None)
+
+
+def parse_migration_caps(value: str) -> list[str]:
+    """The QEMU capability names of a ``migration_caps`` value (``"xbzrle:postcopy-ram"``)."""
+    return [cap for cap in value.split(c.MIGRATION_CAPS_SEP) if cap] if value else []
+
+
+def _is_migration_caps(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    caps = parse_migration_caps(value)
+    return (c.MIGRATION_CAPS_SEP.join(caps) == value and len(set(caps)) == len(caps)
+            and all(cap in c.HT_KVM_VALID_MIGRATION_CAPS for cap in caps))
+
+
+MIGRATION_CAPS_CHECK: Check = (
+    False, _is_migration_caps,
+    "must be QEMU migration capabilities separated by colons, each once, from "
+    + ", ".join(sorted(c.HT_KVM_VALID_MIGRATION_CAPS)), None, None)
 
 
 def ParamInSet(required: bool, my_set: Iterable[Any]) -> Check:
@@ -239,6 +264,37 @@ def _is_keymap(value: Any) -> bool:
             and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in value))
 
 
+def _parses(parse: Callable[[Any], Any]) -> Callable[[Any], bool]:
+    """A check that ``parse`` accepts the value (raises no ParameterError)."""
+    def check(value: Any) -> bool:
+        try:
+            parse(value)
+        except errors.ParameterError:
+            return False
+        return True
+    return check
+
+
+def _kvm_extra_words(value: Any) -> list[str]:
+    """The words of ``kvm_extra`` before the reserved options are looked at."""
+    if not isinstance(value, str):
+        raise errors.ParameterError("not a string")
+    try:
+        words = shlex.split(value)
+    except ValueError as err:
+        raise errors.ParameterError(str(err)) from None
+    return [peripherals.check_word(word, value) for word in words]
+
+
+def _is_pci_reservations(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and c.MIN_PCI_RESERVATIONS <= value <= c.QEMU_PCI_SLOTS)
+
+
+_TOPOLOGY_MSG = (f"must be a whole number from 0 (QEMU's choice) to "
+                 f"{qemu_cpu.MAX_TOPOLOGY}")
+
+
 def _refuse(value: Any) -> bool:
     """The check of a key this library accepts only empty (a feature it lacks)."""
     return False
@@ -281,6 +337,7 @@ PARAMETERS: dict[str, Check] = {
     c.HV_MIGRATION_BANDWIDTH: PositiveInt(True),
     c.HV_MIGRATION_DOWNTIME: PositiveInt(True),
     c.HV_MIGRATION_MODE: MIGRATION_MODE_CHECK,
+    c.HV_KVM_MIGRATION_CAPS: MIGRATION_CAPS_CHECK,
     c.HV_USE_LOCALTIME: NO_CHECK,
     c.HV_DISK_CACHE: ParamInSet(True, c.HT_VALID_CACHE_TYPES),
     c.HV_SECURITY_MODEL: ParamInSet(True, c.HT_KVM_VALID_SM_TYPES),
@@ -290,6 +347,44 @@ PARAMETERS: dict[str, Check] = {
     c.HV_KVM_USE_CHROOT: NO_CHECK,
     c.HV_MEM_PATH: OPT_DIR_CHECK,
     c.HV_REBOOT_BEHAVIOR: ParamInSet(True, c.REBOOT_BEHAVIORS),
+    c.HV_CPU_MASK: (False, pinning.is_multi_cpu_mask,
+                    f"must be CPU lists or '{c.CPU_PINNING_ALL}' separated by "
+                    f"'{c.CPU_PINNING_SEP}', one entry for all vCPUs or one per vCPU "
+                    "(e.g. 0-1:2:all)", None, None),
+    c.HV_CPU_TYPE: (False, qemu_cpu.is_cpu_type,
+                    "must be a CPU model of the node's QEMU with optional features "
+                    "(e.g. qemu64 or host,+x2apic)", None, None),
+    c.HV_CPU_CORES: (False, qemu_cpu.is_topology_value, _TOPOLOGY_MSG, None, None),
+    c.HV_CPU_THREADS: (False, qemu_cpu.is_topology_value, _TOPOLOGY_MSG, None, None),
+    c.HV_CPU_SOCKETS: (False, qemu_cpu.is_topology_value, _TOPOLOGY_MSG, None, None),
+    c.HV_KVM_MACHINE_VERSION: (False, is_machine_name,
+                               "must be a machine type of the node's QEMU of the i440fx "
+                               "PC family: pc or pc-i440fx-*", None, None),
+    c.HV_VGA: ParamInSet(False, c.HT_KVM_VALID_VGA_TYPES),
+    c.HV_SOUNDHW: (False, _parses(peripherals.parse_soundhw),
+                   "must be a comma-separated list of sound cards, each once, from "
+                   + ", ".join(sorted(c.HT_KVM_VALID_SOUND_TYPES)), None, None),
+    c.HV_USB_DEVICES: (False, _parses(peripherals.parse_usb_devices),
+                       "must be a space- or comma-separated list of "
+                       + ", ".join(sorted(c.HT_KVM_VALID_USB_TYPES))
+                       + ", host:BUS.ADDR or host:VENDOR:PRODUCT", None, None),
+    c.HV_KVM_EXTRA: (False, _parses(_kvm_extra_words),
+                     "must split into words as a POSIX shell would (quotes and backslashes "
+                     "work, no shell runs), without newlines; options the library sets "
+                     "itself are refused: -" + ", -".join(sorted(peripherals.RESERVED_OPTIONS))
+                     + ", -chardev with its ids, -serial with serial_console", None, None),
+    c.HV_VNET_HDR: NO_CHECK,
+    c.HV_VIRTIO_NET_QUEUES: (True, lambda v: isinstance(v, int) and not isinstance(v, bool)
+                             and 0 < v <= c.MAX_VIRTIO_NET_QUEUES,
+                             f"must be a whole number from 1 to {c.MAX_VIRTIO_NET_QUEUES}",
+                             None, None),
+    c.HV_KVM_PCI_RESERVATIONS: (True, _is_pci_reservations,
+                                f"must be a whole number from {c.MIN_PCI_RESERVATIONS} to "
+                                f"{c.QEMU_PCI_SLOTS}: the PCI slots left to QEMU's own "
+                                "devices before the NICs' and disks'", None, None),
+    c.HV_KVM_DISK_AIO: ParamInSet(False, c.HT_KVM_VALID_AIO_TYPES),
+    c.HV_DISK_DISCARD: ParamInSet(False, c.HT_VALID_DISCARD_TYPES),
+    c.HV_KVM_SCSI_CONTROLLER_TYPE: ParamInSet(True, c.HT_KVM_VALID_SCSI_CONTROLLER_TYPES),
 }
 
 # Disk types QEMU has no meaning for as data disks on a PC machine.
@@ -403,7 +498,15 @@ def check_syntax(hvparams: Mapping[str, Any]) -> None:
              f"{c.HV_SECURITY_MODEL} is {model!r} but {c.HV_SECURITY_DOMAIN} is "
              f"{hvparams[c.HV_SECURITY_DOMAIN]!r}; set {c.HV_SECURITY_DOMAIN} to \"\", or "
              f"{c.HV_SECURITY_MODEL} to {c.HT_SM_USER!r} to run QEMU as that user")
+    # the reserved options, naming the one found (serial_console decides -serial)
+    peripherals.kvm_extra_argv(hvparams[c.HV_KVM_EXTRA], bool(hvparams[c.HV_SERIAL_CONSOLE]))
     nic_type = hvparams[c.HV_NIC_TYPE]
+    queues = hvparams[c.HV_VIRTIO_NET_QUEUES]
+    if queues > 1 and nic_type != c.HT_NIC_PARAVIRTUAL:
+        fail(c.HV_VIRTIO_NET_QUEUES,
+             f"{c.HV_VIRTIO_NET_QUEUES} is {queues} but {c.HV_NIC_TYPE} is {nic_type!r}; "
+             f"only virtio NICs have several queues: set {c.HV_NIC_TYPE} to "
+             f"{c.HT_NIC_PARAVIRTUAL!r}, or {c.HV_VIRTIO_NET_QUEUES} to 1")
     if hvparams[c.HV_VHOST_NET] and nic_type != c.HT_NIC_PARAVIRTUAL:
         fail(c.HV_VHOST_NET,
              f"{c.HV_VHOST_NET} is true but {c.HV_NIC_TYPE} is {nic_type!r}; vhost "
@@ -468,15 +571,96 @@ def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev
     password_file = hvparams[c.HV_VNC_PASSWORD_FILE]
     if password_file:
         read_vnc_password(password_file)
-    needed_devices = _needed_devices(hvparams)
+    check_node_cpu(hvparams, caps)
+    if hvparams.get(c.HV_KVM_DISK_AIO) == c.HT_KVM_AIO_IO_URING:
+        check_io_uring(caps)
+    needed_devices = _needed_devices(hvparams) | peripherals.needed_devices(hvparams)
+    vga_device = peripherals.VGA_DEVICES.get(hvparams.get(c.HV_VGA) or "")
+    if vga_device and not caps.has_device(vga_device):
+        usable = sorted(k for k, d in peripherals.VGA_DEVICES.items()
+                        if d is None or caps.has_device(d))
+        fail(f"QEMU {caps.path} has no {vga_device} device, which {c.HV_VGA} "
+             f"{hvparams[c.HV_VGA]!r} needs; set {c.HV_VGA} to {', '.join(usable)} or \"\"")
+    if hvparams.get(c.HV_SOUNDHW) and not (caps.has_audiodev or caps.has_soundhw):
+        fail(f"QEMU {caps.path} has neither -audiodev nor -soundhw, which {c.HV_SOUNDHW} "
+             f"{hvparams[c.HV_SOUNDHW]!r} needs; set {c.HV_KVM_PATH} to a QEMU with sound, "
+             f"or {c.HV_SOUNDHW} to \"\"")
     absent = sorted(d for d in needed_devices if not caps.has_device(d))
     if absent:
         fail(f"QEMU {caps.path} lacks the device(s) {', '.join(absent)} that these "
              "parameters need")
 
 
+IO_URING_SYSCTL = "/proc/sys/kernel/io_uring_disabled"
+
+
+def check_io_uring(caps: Any, sysctl: str = IO_URING_SYSCTL) -> None:
+    """Refuse ``disk_aio`` io_uring unless QEMU opened an io_uring disk and the kernel allows it.
+
+    The probe (:attr:`QemuCaps.aio_modes`) tried it once per binary; the
+    kernel's ``io_uring_disabled`` is read every time, since it can change.
+    """
+    use = (f"set {c.HV_KVM_DISK_AIO} to {c.HT_KVM_AIO_THREADS} (or {c.HT_KVM_AIO_NATIVE} "
+           f"with {c.HV_DISK_CACHE} none)")
+    if not caps.has_aio(c.HT_KVM_AIO_IO_URING):
+        raise errors.ParameterError(
+            f"{c.HV_KVM_DISK_AIO} is {c.HT_KVM_AIO_IO_URING} but QEMU {caps.path} cannot open "
+            f"a disk with aio=io_uring (not built with it, or the kernel refused it when it "
+            f"was probed); {use}, or set {c.HV_KVM_PATH} to a QEMU with io_uring",
+            c.HV_KVM_DISK_AIO, c.HT_KVM_AIO_IO_URING)
+    try:
+        with open(sysctl, encoding="ascii") as handle:
+            disabled = handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        disabled = "0"  # a kernel before 6.6 has no such switch: io_uring is on
+    if disabled == "2":
+        raise errors.ParameterError(
+            f"{c.HV_KVM_DISK_AIO} is {c.HT_KVM_AIO_IO_URING} but this node's kernel has "
+            f"io_uring disabled ({sysctl} is 2); {use}, or set {sysctl} to 0",
+            c.HV_KVM_DISK_AIO, c.HT_KVM_AIO_IO_URING)
+
+
+# The machine types whose root bus is the i440fx PC's pci.0 (pc-i440fx-7.2, and
+# the old pc-0.15 and pc-1.3)
+_I440FX_RE = re.compile(r"pc|pc-i440fx-\d+\.\d+|pc-[01]\.\d+")
+
+
+def check_node_cpu(hvparams: Mapping[str, Any], caps: Any,
+                   online: frozenset[int] | None = None) -> None:
+    """The CPU and machine keys against this node: its QEMU's models and types, its CPUs."""
+    cpu_type = hvparams.get(c.HV_CPU_TYPE) or ""
+    model = qemu_cpu.cpu_model(cpu_type)
+    if cpu_type and not caps.has_cpu_model(model):
+        known = sorted(caps.cpu_models)
+        examples = [m for m in ("host", "max", "qemu64", "kvm64", "Skylake-Server")
+                    if m in caps.cpu_models] or known[:5]
+        raise errors.ParameterError(
+            f"Parameter {c.HV_CPU_TYPE} is {cpu_type!r} but QEMU {caps.path} has no CPU model "
+            f"{model!r} ({len(known)} models, e.g. {', '.join(examples) or 'none reported'}; "
+            f"see {caps.path} -cpu help); set {c.HV_CPU_TYPE} to one of them, or to \"\" "
+            "for QEMU's default", c.HV_CPU_TYPE, cpu_type)
+    machine = hvparams.get(c.HV_KVM_MACHINE_VERSION) or ""
+    if machine:
+        reason = caps.missing_machine(machine)
+        if reason is not None:
+            raise errors.ParameterError(
+                f"Parameter {c.HV_KVM_MACHINE_VERSION} is {machine!r} but {reason}; set "
+                f"{c.HV_KVM_MACHINE_VERSION} to a machine type of {caps.path} -machine help, "
+                "or to \"\" for its pc type", c.HV_KVM_MACHINE_VERSION, machine)
+        resolved = caps.resolve_machine(machine)
+        if not _I440FX_RE.fullmatch(resolved):
+            raise errors.ParameterError(
+                f"Parameter {c.HV_KVM_MACHINE_VERSION} is {machine!r} ({resolved}), which "
+                "ganeti-kvm cannot run: it places NICs, disks and the balloon on fixed slots "
+                "of the i440fx PC's PCI bus pci.0, which other machine types lack (q35 has "
+                f"pcie.0 with its chipset on slot 0x1f); set {c.HV_KVM_MACHINE_VERSION} to pc "
+                "or a pc-i440fx-* type, or to \"\"", c.HV_KVM_MACHINE_VERSION, machine)
+    cpu_mask = hvparams.get(c.HV_CPU_MASK) or c.CPU_PINNING_ALL
+    pinning.check_node_cpus(cpu_mask, affinity.online_cpus() if online is None else online)
+
+
 def _needed_devices(hvparams: Mapping[str, Any]) -> set[str]:
-    devices = set(cmdline.DISK_DEVICES.get(hvparams[c.HV_DISK_TYPE], ()))
+    devices = set(cmdline.disk_devices(hvparams))
     devices.add(cmdline.NIC_MODELS[hvparams[c.HV_NIC_TYPE]])
     if hvparams[c.HV_CDROM_IMAGE_PATH]:
         devices.update(cmdline.CDROM_DEVICES.get(

@@ -57,6 +57,12 @@ class RuntimeRecord:
     # driver (the 2011 one, or Ganeti's bundled one); None once this library
     # started it.  A reboot rebuilds the command line from the parameters.
     upgraded_from: int | None = None
+    # The virtio-balloon device's identity (a DeviceId's dict), given at the
+    # first start; None in records written before it existed: no balloon.
+    balloon: dict[str, Any] | None = None
+    # The memory (MiB) the balloon was last set to while this QEMU runs;
+    # None: the full memory (never ballooned since QEMU started).
+    balloon_memory: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, with its kind and version."""
@@ -78,6 +84,8 @@ class RuntimeRecord:
             # Set while a QEMU an earlier driver started still runs this
             # instance: a migration target must then start the same devices.
             UPGRADED_KEY: self.upgraded_from,
+            "balloon": self.balloon,
+            "balloon_memory": self.balloon_memory,
         }
 
     def serialize(self) -> str:
@@ -128,7 +136,9 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
             disks=list(data.get("disks") or []), tags=list(data.get("tags") or []),
             uid=data.get("uid"), qemu_version=list(data.get("qemu_version") or []),
             uuid=data.get("uuid"), network_port=data.get("network_port"), machine=machine,
-            upgraded_from=_upgraded_from(data.get(UPGRADED_KEY), bad)), source)
+            upgraded_from=_upgraded_from(data.get(UPGRADED_KEY), bad),
+            balloon=_balloon(data.get("balloon"), name, source),
+            balloon_memory=_balloon_memory(data.get("balloon_memory"), bad)), source)
     except (TypeError, ValueError, AttributeError) as err:
         raise bad(str(err)) from err
 
@@ -150,10 +160,44 @@ def _with_identities(record: RuntimeRecord, source: str) -> RuntimeRecord:
     return record
 
 
+def _balloon(value: Any, name: str, source: str) -> dict[str, Any] | None:
+    """The balloon identity of a record (checked), or None if it has none."""
+    if value is None:
+        return None
+    return devices.DeviceId.from_dict(value, f"the balloon of instance {name} ({source})").to_dict()
+
+
+def _balloon_memory(value: Any, bad: Any) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise bad(f"balloon_memory {value!r} is not a memory size in MiB")
+
+
 def _upgraded_from(value: Any, bad: Any) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
     raise bad(f"{UPGRADED_KEY} {value!r} is not a record version")
+
+
+def balloon_memory_of(raw: bytes, name: str) -> int | None:
+    """The ``balloon_memory`` of serialized record ``raw`` of instance ``name``, or None.
+
+    For the listing, which needs this one field of every record: the rest
+    of the record is neither upgraded nor checked, and a record that cannot
+    be read counts as not ballooned (never an error).
+    """
+    if b'"balloon_memory": null' in raw:  # as serialize() writes it: the usual case
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != RECORD_KIND \
+            or data.get("name") != name:
+        return None
+    value = data.get("balloon_memory")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else None
 
 
 def load(path: str, name: str) -> RuntimeRecord | None:

@@ -14,6 +14,7 @@ library's message and the original exception as its cause.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -80,6 +81,28 @@ def _positive_int(name: str, key: str, value: Any) -> int:
     return value
 
 
+# Ganeti 3.0's DTS_EXT_MIRROR (disk templates on storage every node reaches), used without Ganeti
+_FALLBACK_EXT_MIRROR = frozenset(["blockdev", "diskless", "ext", "gluster", "rbd", "sharedfile"])
+
+
+def _on_shared_storage(disk: Any) -> bool:
+    """Whether Ganeti 3's ``disk`` must not be cached: its ``dev_type`` is externally
+    mirrored, except rbd (Ganeti leaves RBD's cache to the disk_cache setting)."""
+    mirrored = (_ganeti.ganeti_constants.DTS_EXT_MIRROR if _ganeti.HAVE_GANETI
+                else _FALLBACK_EXT_MIRROR)
+    dev_type = _attr(disk, "dev_type")
+    return dev_type in mirrored and dev_type != "rbd"
+
+
+def block_devices_of(block_devices: Any) -> list[cmdline.BlockDevice]:
+    """The core's disks for Ganeti 3's ``(disk, link, uri)`` triples, each marked shared
+    if its storage is (see :func:`_on_shared_storage`)."""
+    entries = list(block_devices or [])
+    disks = cmdline.normalize_block_devices(entries)
+    return [dataclasses.replace(d, shared=_on_shared_storage(entry[0]))
+            for d, entry in zip(disks, entries, strict=True)]
+
+
 def instance_spec(instance: Any, block_devices: Any = ()) -> InstanceSpec:
     """The core's spec of a Ganeti 3 instance (filled hvparams and beparams, as RPC sends)."""
     name = _name(instance)
@@ -93,7 +116,7 @@ def instance_spec(instance: Any, block_devices: Any = ()) -> InstanceSpec:
         memory=_positive_int(name, "maxmem", memory),
         vcpus=_positive_int(name, c.BE_VCPUS, beparams.get(c.BE_VCPUS)),
         nics=[_nic_dict(n) for n in _attr(instance, "nics") or []],
-        disks=cmdline.normalize_block_devices(list(block_devices or [])),
+        disks=block_devices_of(block_devices),
         tags=sorted(str(t) for t in _attr(instance, "tags") or []),
         uuid=_attr(instance, "uuid"), network_port=_attr(instance, "network_port"))
 
@@ -382,13 +405,14 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
         """On the target: run the ifup hooks and continue, or stop and clean up."""
         core_migration.finalize(self.node, _name(instance), info, bool(success))
 
-    # --- not yet: ballooning, hotplug, disk resize -------------------------------
+    # --- ballooning -------------------------------------------------------------
 
+    @_as_ganeti_errors
     def BalloonInstanceMemory(self, instance: Any, mem: int) -> None:
-        """Memory ballooning: not supported yet; raises Ganeti's ``HypervisorError``."""
-        raise _ganeti.HypervisorError(
-            f"Ballooning instance {_attr(instance, 'name')} to {mem} MiB {_NOT_YET}; "
-            "change the instance's memory with a restart instead")
+        """Give the running ``instance`` ``mem`` MiB through its virtio-balloon device."""
+        self.node.balloon(_name(instance), mem)
+
+    # --- not yet: hotplug, disk resize -----------------------------------------
 
     def HotplugSupported(self, instance: Any) -> None:
         """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""

@@ -3,7 +3,8 @@
 ``PARAMETERS`` has exactly the kvm keys of the Ganeti version this runs
 under, with Ganeti's own checks (built from Ganeti's ``hv_base`` helpers and
 value sets) and Ganeti's defaults.  Every key is accepted; the keys the core
-implements under the same name and meaning (:data:`CORE_KEYS`, the 2011 set)
+implements under the same name and meaning (:data:`CORE_KEYS`: the 2011 set
+and the Ganeti 3 keys the core has since gained)
 pass straight through to the core's checks, and every other key is accepted
 only at its Ganeti default: any other value is refused, naming the key, so
 a setting is never silently ignored.

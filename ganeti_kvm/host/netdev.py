@@ -59,6 +59,9 @@ IFF_NO_PI = 0x1000
 IFF_ONE_QUEUE = 0x2000
 """Obsolete: ignored by kernels since 3.8, so this module never sets it."""
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+MAX_QUEUES = 8
+"""The most queues (descriptors) a TAP device gets here: Ganeti's limit for virtio_net_queues."""
 
 IFNAMSIZ = 16
 """Size of an interface name buffer, the NUL included (names are at most 15 bytes)."""
@@ -246,8 +249,8 @@ def run_in_netns(netns: str, func: Callable[[], _T],
         return state["result"]  # type: ignore[return-value]
 
 
-def _open_tap_here(name: str, vnet_hdr: bool) -> tuple[int, str]:
-    """Create the TAP device in the calling thread's network namespace."""
+def _open_tap_here(name: str, vnet_hdr: bool, multi_queue: bool = False) -> tuple[int, str]:
+    """Create the TAP device (or one more queue of it) in this thread's network namespace."""
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
@@ -259,6 +262,8 @@ def _open_tap_here(name: str, vnet_hdr: bool) -> tuple[int, str]:
         flags = IFF_TAP | IFF_NO_PI
         if vnet_hdr and probe_vnet_hdr(fd):
             flags |= IFF_VNET_HDR
+        if multi_queue:
+            flags |= IFF_MULTI_QUEUE
         request = _IFREQ.pack(name.encode("ascii"), flags)
         try:
             answer = fcntl.ioctl(fd, TUNSETIFF, request)
@@ -304,6 +309,46 @@ def open_tap(name: str = "", vnet_hdr: bool = True,
         return _open_tap_here(name, vnet_hdr)
     return run_in_netns(netns, lambda: _open_tap_here(name, vnet_hdr),
                         cleanup=lambda result: os.close(result[0]))
+
+
+def _open_queues_here(name: str, vnet_hdr: bool, queues: int) -> tuple[list[int], str]:
+    fd, actual = _open_tap_here(name, vnet_hdr, multi_queue=True)
+    fds = [fd]
+    try:
+        while len(fds) < queues:  # each TUNSETIFF on the same name attaches one more queue
+            fds.append(_open_tap_here(actual, vnet_hdr, multi_queue=True)[0])
+    except BaseException:
+        for opened in fds:
+            os.close(opened)
+        raise
+    return fds, actual
+
+
+def open_tap_queues(name: str = "", vnet_hdr: bool = True, queues: int = 1,
+                    netns: str | None = None) -> tuple[list[int], str]:
+    """Create a TAP device with ``queues`` queues: ``([fd, ...], interface name)``.
+
+    One queue is :func:`open_tap`'s device; more give a multiqueue device
+    (``IFF_MULTI_QUEUE``), one descriptor per queue, for QEMU's
+    ``-netdev tap,fds=A:B:...``.  ``queues`` is 1 to :data:`MAX_QUEUES`.
+    """
+    if not isinstance(queues, int) or isinstance(queues, bool) or not 0 < queues <= MAX_QUEUES:
+        raise errors.HypervisorError(
+            f"A TAP device can have 1 to {MAX_QUEUES} queues, not {queues!r}; "
+            "fix virtio_net_queues")
+    if queues == 1:
+        fd, actual = open_tap(name, vnet_hdr, netns)
+        return [fd], actual
+    name = name or DEFAULT_TAP_TEMPLATE
+    validate_tap_name(name)
+    if netns is None:
+        return _open_queues_here(name, vnet_hdr, queues)
+
+    def close_all(result: tuple[list[int], str]) -> None:
+        for opened in result[0]:
+            os.close(opened)
+    return run_in_netns(netns, lambda: _open_queues_here(name, vnet_hdr, queues),
+                        cleanup=close_all)
 
 
 def tap_info(fd: int) -> tuple[str, int]:

@@ -42,7 +42,7 @@ PROBE_TIMEOUT = 20.0
 
 #: Format of the on-disk cache document.  Bump it whenever a parser changes
 #: what it extracts, so that caches written by an older library are re-probed.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHE_KIND = "ganeti-kvm-qemu-caps"
 CACHE_PREFIX = "qemu-caps-"
 
@@ -57,6 +57,15 @@ PROBE_COMMANDS: dict[str, tuple[str, ...]] = {
     "device": ("-device", "help"),
     "accel": ("-accel", "help"),
     "netdev": ("-netdev", "help"),
+    # The one QMP question: a QEMU without a machine answers on stdio what
+    # PROBE_INPUTS asks (the CPU models for -cpu), then quits.
+    "cpu": ("-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-S",
+            "-qmp", "stdio"),
+}
+#: What the probe commands that read their standard input are given.
+PROBE_INPUTS: dict[str, bytes] = {
+    "cpu": b'{"execute": "qmp_capabilities"}\n{"execute": "query-cpu-definitions"}\n'
+           b'{"execute": "quit"}\n',
 }
 
 _VERSION_RE = re.compile(r"\bversion\s+(\d+)\.(\d+)(?:\.(\d+))?")
@@ -107,6 +116,11 @@ class QemuCaps:
     accels: frozenset[str] = frozenset()
     netdevs: frozenset[str] = frozenset()
     tap_vhost: bool = False
+    # The CPU models -cpu takes (QMP query-cpu-definitions)
+    cpu_models: frozenset[str] = frozenset()
+    # Disk AIO modes beyond threads and native that this QEMU opened a file
+    # with when probed (``io_uring``); see :func:`probe_aio_modes`.
+    aio_modes: frozenset[str] = frozenset()
 
     # --- generic questions -----------------------------------------------------------------
 
@@ -125,6 +139,14 @@ class QemuCaps:
     def has_accel(self, name: str) -> bool:
         """Whether the accelerator ``name`` (``kvm``, ``tcg``) is compiled in."""
         return name in self.accels
+
+    def has_aio(self, mode: str) -> bool:
+        """Whether disks can use ``aio=mode``: threads and native always, others if probed."""
+        return mode in ("threads", "native") or mode in self.aio_modes
+
+    def has_cpu_model(self, name: str) -> bool:
+        """Whether ``-cpu name`` names a CPU model of this QEMU (``qemu64``, ``max``...)."""
+        return name in self.cpu_models
 
     def has_netdev_backend(self, name: str) -> bool:
         """Whether ``-netdev name,...`` names a network backend type (``tap``, ``bridge``)."""
@@ -223,6 +245,21 @@ class QemuCaps:
         """Whether the legacy ``-usbdevice`` option exists."""
         return "usbdevice" in self.options
 
+    @property
+    def has_audiodev(self) -> bool:
+        """Whether ``-audiodev`` exists (sound cards then take ``audiodev=ID``)."""
+        return "audiodev" in self.options
+
+    @property
+    def has_soundhw(self) -> bool:
+        """Whether the old ``-soundhw`` option exists (removed in QEMU 7.1)."""
+        return "soundhw" in self.options
+
+    @property
+    def has_vga(self) -> bool:
+        """Whether ``-vga`` exists (the machine then creates the display adapter)."""
+        return "vga" in self.options
+
     # --- serialisation ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +277,8 @@ class QemuCaps:
             "accels": sorted(self.accels),
             "netdevs": sorted(self.netdevs),
             "tap_vhost": self.tap_vhost,
+            "cpu_models": sorted(self.cpu_models),
+            "aio_modes": sorted(self.aio_modes),
         }
 
     @classmethod
@@ -268,6 +307,8 @@ class QemuCaps:
                 accels=_names(data.get("accels", ())),
                 netdevs=_names(data.get("netdevs", ())),
                 tap_vhost=_flag(data.get("tap_vhost", False)),
+                cpu_models=_names(data.get("cpu_models", ())),
+                aio_modes=_names(data.get("aio_modes", ())),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"Invalid QEMU capabilities record: {err!r}") from err
@@ -534,6 +575,24 @@ def _parse_word_list(text: str) -> frozenset[str]:
     return frozenset(words)
 
 
+def parse_cpu_definitions(text: str) -> frozenset[str]:
+    """The CPU model names of a QMP session's ``query-cpu-definitions`` answer.
+
+    ``text`` is QMP's output, one JSON document a line (greeting, replies,
+    events); the answer is the reply whose ``return`` is a list.
+    """
+    for line in _lines(text):
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            continue
+        models = reply.get("return") if isinstance(reply, dict) else None
+        if isinstance(models, list):
+            return frozenset(str(model["name"]) for model in models
+                             if isinstance(model, dict) and isinstance(model.get("name"), str))
+    return frozenset()
+
+
 def build_caps(path: str, outputs: Mapping[str, str]) -> QemuCaps:
     """Assemble :class:`QemuCaps` from the outputs of :data:`PROBE_COMMANDS`.
 
@@ -557,6 +616,7 @@ def build_caps(path: str, outputs: Mapping[str, str]) -> QemuCaps:
         accels=parse_accels(outputs.get("accel", "")),
         netdevs=parse_netdevs(outputs.get("netdev", "")),
         tap_vhost=parse_tap_vhost(help_text),
+        cpu_models=parse_cpu_definitions(outputs.get("cpu", "")),
     )
 
 
@@ -637,24 +697,66 @@ def _with_path(caps: QemuCaps, path: str) -> QemuCaps:
 def _probe_binary(path: str, timeout: float) -> QemuCaps:
     """Run all :data:`PROBE_COMMANDS` concurrently and parse their output."""
     started = time.monotonic()
-    outputs = run_probe_commands(path, PROBE_COMMANDS, timeout)
+    outputs = run_probe_commands(path, PROBE_COMMANDS, timeout, inputs=PROBE_INPUTS)
     try:
         caps = build_caps(path, outputs)
     except ValueError as err:
         raise errors.HypervisorError(
             f"Cannot probe QEMU binary {path}: {path} -version printed no version: {err}") from err
+    caps = dataclasses.replace(caps, aio_modes=probe_aio_modes(
+        path, max(1.0, timeout - (time.monotonic() - started))))
     logger.info("Probed %s: QEMU %s, %d options, %d devices in %.3f s", path,
                 ".".join(map(str, caps.version)), len(caps.options), len(caps.devices),
                 time.monotonic() - started)
     return caps
 
 
+#: Disk AIO modes a QEMU may lack (built without liburing, or a kernel that refuses it)
+PROBED_AIO_MODES = ("io_uring",)
+_QUIT = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+#: Processes one uncached probe runs: the help commands, then one per probed AIO mode
+PROBE_PROCESSES = len(PROBE_COMMANDS) + len(PROBED_AIO_MODES)
+
+
+def aio_probe_argv(path: str, mode: str) -> list[str]:
+    """A QEMU with no machine that opens its own binary read-only with ``aio=mode``.
+
+    QMP on stdio quits it at once; it exits 0 only if the file could be
+    opened so (for io_uring, QEMU sets up its ring when it opens the file,
+    so the kernel's refusal shows here too).
+    """
+    return [path, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+            "-qmp", "stdio", "-blockdev",
+            f"driver=file,node-name=probe,read-only=on,aio={mode},"
+            f"filename={path.replace(',', ',,')}"]
+
+
+def probe_aio_modes(path: str, timeout: float = PROBE_TIMEOUT) -> frozenset[str]:
+    """The modes of :data:`PROBED_AIO_MODES` QEMU ``path`` can open a disk with."""
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    found = set()
+    for mode in PROBED_AIO_MODES:
+        try:
+            result = subprocess.run(aio_probe_argv(path, mode), input=_QUIT,
+                                    capture_output=True, env=env, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            logger.warning("Cannot probe aio=%s of QEMU %s: %s", mode, path, err)
+            continue
+        if result.returncode == 0:
+            found.add(mode)
+        else:
+            logger.info("QEMU %s cannot open disks with aio=%s: %s", path, mode,
+                        result.stderr.decode("utf-8", "replace").strip()[:300])
+    return frozenset(found)
+
+
 def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],
-                       timeout: float = PROBE_TIMEOUT) -> dict[str, str]:
+                       timeout: float = PROBE_TIMEOUT,
+                       inputs: Mapping[str, bytes] | None = None) -> dict[str, str]:
     """Run ``path`` once per entry of ``commands`` (all at once) and return their stdout.
 
     Each command is an argv list (never a shell) run with ``LC_ALL=C`` and
-    stdin from ``/dev/null``.  All of them share one deadline of
+    stdin from ``/dev/null``, or fed its entry of ``inputs``.  All of them share one deadline of
     ``timeout`` seconds.  Any failure to start, non-zero exit or timeout
     raises :class:`~ganeti_kvm.errors.HypervisorError` naming the binary,
     the command and QEMU's stderr; the remaining processes are killed.
@@ -666,7 +768,8 @@ def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],
         for name, args in commands.items():
             argv = [path, *args]
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stdin = subprocess.PIPE if inputs and name in inputs else subprocess.DEVNULL
+                proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=env, close_fds=True)
             except OSError as err:
                 raise errors.HypervisorError(
@@ -676,7 +779,9 @@ def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],
         outputs = {}
         for name, (argv, proc) in list(running.items()):
             try:
-                out, err_out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                out, err_out = proc.communicate(
+                    input=(inputs or {}).get(name) if proc.stdin else None,
+                    timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise errors.HypervisorError(
                     f"Cannot probe QEMU binary {path}: {_show(argv)} did not finish "

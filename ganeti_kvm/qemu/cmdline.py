@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import uuid as _uuid
@@ -33,9 +34,11 @@ from typing import Any, Protocol
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
 from ganeti_kvm.host.paths import InstancePaths, check_instance_name
-from ganeti_kvm.qemu import devices, macaddr
+from ganeti_kvm.qemu import cpu, devices, macaddr, peripherals
 from ganeti_kvm.qemu.caps import DEFAULT_MACHINE, is_machine_name
 from ganeti_kvm.qemu.devices import DeviceId
+
+log = logging.getLogger(__name__)
 
 # QEMU device models for the cluster manager's NIC types
 NIC_MODELS = {
@@ -59,6 +62,24 @@ DISK_DEVICES = {
     c.HT_DISK_SCSI: ("lsi53c895a", "scsi-hd"),
     c.HT_DISK_SD: ("sdhci-pci", "sd-card"),
 }
+# QEMU device models of the SCSI controllers of disk_type scsi (scsi_controller_type)
+SCSI_CONTROLLERS = {
+    c.HT_SCSI_CONTROLLER_LSI: "lsi53c895a",
+    c.HT_SCSI_CONTROLLER_MEGASAS: "megasas",
+    c.HT_SCSI_CONTROLLER_VIRTIO: "virtio-scsi-pci",
+}
+BALLOON_DEVICE = "virtio-balloon-pci"
+
+
+def disk_devices(hvp: Mapping[str, Any]) -> tuple[str, ...]:
+    """The QEMU devices the data disks of ``hvp`` need (the SCSI controller chosen by it)."""
+    disk_type = hvp[c.HV_DISK_TYPE]
+    if disk_type == c.HT_DISK_SCSI:
+        controller = hvp.get(c.HV_KVM_SCSI_CONTROLLER_TYPE, c.HT_SCSI_CONTROLLER_LSI)
+        return (SCSI_CONTROLLERS.get(controller, str(controller)), "scsi-hd")
+    return DISK_DEVICES.get(disk_type, ())
+
+
 # QEMU refuses read-only drives on these ("Block node is read-only").
 READONLY_UNSUPPORTED = frozenset([c.HT_DISK_IDE, c.HT_DISK_SD])
 CDROM_DEVICES = {
@@ -85,6 +106,10 @@ class Caps(Protocol):
     @property
     def has_chroot(self) -> bool: ...
     def has_device(self, name: str) -> bool: ...
+    @property
+    def has_audiodev(self) -> bool: ...
+    @property
+    def has_soundhw(self) -> bool: ...
 
 
 MAX_VALUE_BYTES = 4096
@@ -180,17 +205,23 @@ class BlockDevice:
     uri: str | None = None
     # How the guest sees it (see :mod:`ganeti_kvm.qemu.devices`); None: by position.
     device: DeviceId | None = None
+    # On storage other nodes reach too (the cluster manager's externally
+    # mirrored disks): QEMU must not cache it, or a migration corrupts it.
+    shared: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"path": self.path, "readonly": self.readonly, "uri": self.uri}
         if self.device is not None:
             data[devices.DEVICE_KEY] = self.device.to_dict()
+        if self.shared:
+            data["shared"] = True
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockDevice:
         return cls(path=str(data["path"]), readonly=bool(data.get("readonly")),
-                   uri=data.get("uri"), device=devices.identity_of(data, f"disk {data['path']}"))
+                   uri=data.get("uri"), device=devices.identity_of(data, f"disk {data['path']}"),
+                   shared=data.get("shared") is True)
 
 
 def normalize_block_devices(block_devices: Sequence[Any]) -> list[BlockDevice]:
@@ -228,6 +259,9 @@ class MachineSpec:
     # The versioned machine type pinned when the instance first started
     # ("pc-i440fx-7.2"); None leaves the binary's "pc" alias to QEMU.
     machine: str | None = None
+    # The virtio-balloon device's identity, kept in the record; None (a
+    # record written before it existed): no balloon, as the instance runs.
+    balloon: DeviceId | None = None
 
 
 def vnc_display(network_port: int | None, name: str) -> int:
@@ -267,14 +301,15 @@ def _build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[st
                        "-pidfile", check_value("run_dir", paths.pidfile)]
     argv += log_flags(paths)
     argv += _machine(spec, hvp)
-    argv += ["-m", _count("memory", spec.memory), "-smp", _count("vcpus", spec.vcpus)]
+    argv += ["-m", _count("memory", spec.memory), "-smp", cpu.smp_value(spec.vcpus, hvp)]
+    argv += cpu.cpu_args(hvp)
     if spec.uuid:
         # the cluster manager's uuid is informational; never fail a start on it
         with contextlib.suppress(ValueError):
             argv += ["-uuid", str(_uuid.UUID(str(spec.uuid)))]
     argv += _monitors(paths)
     argv += _boot(hvp)
-    argv += _disks(disks, hvp, caps)
+    argv += _disks(disks, hvp, caps, spec.name)
     ide_disks = len(disks) if hvp[c.HV_DISK_TYPE] == c.HT_DISK_IDE else 0
     argv += _removable_media(hvp, ide_disks)
     argv += _kernel(hvp)
@@ -290,12 +325,23 @@ def _build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[st
     if hvp.get(c.HV_KEYMAP) and hvp[c.HV_VNC_BIND_ADDRESS]:
         argv += ["-k", check_value(c.HV_KEYMAP, hvp[c.HV_KEYMAP])]
     argv += _usb(hvp)
+    argv += peripherals.sound_argv(hvp.get(c.HV_SOUNDHW) or "", caps)
+    argv += _balloon(spec)
     argv += _isolation(spec, hvp, caps, paths)
+    # last, as Ganeti's: the operator's own options (see peripherals.kvm_extra_argv)
+    argv += peripherals.kvm_extra_argv(hvp.get(c.HV_KVM_EXTRA) or "",
+                                       bool(hvp[c.HV_SERIAL_CONSOLE]))
     return argv
 
 
 def _machine(spec: MachineSpec, hvp: Mapping[str, Any]) -> list[str]:
-    machine = spec.machine or DEFAULT_MACHINE
+    # the pinned type, else machine_version (a new start pins it), else "pc"
+    wanted = hvp.get(c.HV_KVM_MACHINE_VERSION) or ""
+    if not spec.machine and wanted and not is_machine_name(wanted):
+        raise errors.ParameterError(
+            f"Parameter {c.HV_KVM_MACHINE_VERSION} must be a machine type name such as "
+            f"pc-i440fx-7.2, not {_shown(wanted)}", c.HV_KVM_MACHINE_VERSION, wanted)
+    machine = spec.machine or wanted or DEFAULT_MACHINE
     if not is_machine_name(machine):
         raise errors.HypervisorError(
             f"Instance {spec.name} has an invalid machine type {machine!r} in its runtime "
@@ -336,8 +382,19 @@ def _boot(hvp: Mapping[str, Any]) -> list[str]:
     return ["-boot", "order=" + _choice(hvp, c.HV_BOOT_ORDER, BOOT_LETTERS)]
 
 
+def _balloon(spec: MachineSpec) -> list[str]:
+    if spec.balloon is None:
+        return []
+    problem = spec.balloon.problem()
+    if problem:
+        raise errors.HypervisorError(f"Instance {spec.name}'s balloon device has an identity "
+                                     f"QEMU cannot take: {problem}")
+    return ["-device", ",".join([BALLOON_DEVICE, *spec.balloon.options()])]
+
+
 def _drive(drive_id: str, path: str, readonly: bool, cache: str | None,
-           media: str = "disk", param: str = "disk path") -> list[str]:
+           media: str = "disk", param: str = "disk path", aio: str | None = None,
+           discard: str | None = None) -> list[str]:
     options = [f"file={_path(param, path)}", "format=raw", "if=none", f"id={drive_id}"]
     if media == "cdrom":
         options.append("media=cdrom")
@@ -345,20 +402,52 @@ def _drive(drive_id: str, path: str, readonly: bool, cache: str | None,
         options.append("readonly=on")
     if cache and cache != c.HT_CACHE_DEFAULT:
         options.append(f"cache={cache}")
+    if aio and aio != c.HT_KVM_AIO_THREADS:  # threads is QEMU's default: left out, as before
+        options.append(f"aio={aio}")
+    if discard and discard != c.HT_DISCARD_DEFAULT:
+        options.append(f"discard={discard}")
     return ["-drive", ",".join(options)]
+
+
+def disk_cache(name: str, disk: BlockDevice, cache: str, aio: str) -> str:
+    """The cache mode of ``disk``: ``none`` where it must be, logged when that overrides ``cache``.
+
+    Shared storage is never cached, so a migration cannot corrupt it (the
+    target reads what the source wrote, not a stale page cache), and
+    aio=native needs O_DIRECT, which only cache=none gives; otherwise
+    ``cache`` as configured.
+    """
+    why = ("it is on shared storage (no host cache, so a migration cannot corrupt it)"
+           if disk.shared else
+           f"{c.HV_KVM_DISK_AIO} {c.HT_KVM_AIO_NATIVE} needs O_DIRECT"
+           if aio == c.HT_KVM_AIO_NATIVE else None)
+    if why is None or cache == c.HT_CACHE_NONE:
+        return cache
+    log.warning("Instance %s: disk %s gets cache=none instead of %s %s: %s", name,
+                disk.path, c.HV_DISK_CACHE, cache, why)
+    return c.HT_CACHE_NONE
 
 
 def _ide_address(slot: int) -> str:
     return f"bus=ide.{slot // 2},unit={slot % 2}"
 
 
-def _disks(disks: Sequence[BlockDevice], hvp: Mapping[str, Any], caps: Caps) -> list[str]:
+def _disks(disks: Sequence[BlockDevice], hvp: Mapping[str, Any], caps: Caps,
+           name: str = "(unnamed)") -> list[str]:
     disk_type = hvp[c.HV_DISK_TYPE]
     cache = _choice(hvp, c.HV_DISK_CACHE, {v: v for v in c.HT_VALID_CACHE_TYPES})
+    # .get: records written before these keys existed lack them.
+    aio = _choice({c.HV_KVM_DISK_AIO: hvp.get(c.HV_KVM_DISK_AIO) or c.HT_KVM_AIO_THREADS},
+                  c.HV_KVM_DISK_AIO, {v: v for v in c.HT_KVM_VALID_AIO_TYPES})
+    discard = _choice({c.HV_DISK_DISCARD: hvp.get(c.HV_DISK_DISCARD) or c.HT_DISCARD_DEFAULT},
+                      c.HV_DISK_DISCARD, {v: v for v in c.HT_VALID_DISCARD_TYPES})
     boot_disk = hvp[c.HV_BOOT_ORDER] == c.HT_BO_DISK and not hvp[c.HV_KERNEL_PATH]
     argv: list[str] = []
     if disk_type == c.HT_DISK_SCSI and disks:
-        argv += ["-device", "lsi53c895a,id=scsi0"]
+        controller = _choice(
+            {c.HV_KVM_SCSI_CONTROLLER_TYPE: hvp.get(c.HV_KVM_SCSI_CONTROLLER_TYPE)
+             or c.HT_SCSI_CONTROLLER_LSI}, c.HV_KVM_SCSI_CONTROLLER_TYPE, SCSI_CONTROLLERS)
+        argv += ["-device", f"{controller},id=scsi0"]
     if disk_type == c.HT_DISK_SD and disks:
         if len(disks) > 1:
             raise errors.HypervisorError("disk_type sd supports a single disk only")
@@ -380,8 +469,9 @@ def _disks(disks: Sequence[BlockDevice], hvp: Mapping[str, Any], caps: Caps) -> 
             raise errors.HypervisorError(
                 f"Disk #{index} ({disk.path}) is read-only, which QEMU's {disk_type} disks "
                 f"cannot be; use disk_type {c.HT_DISK_PARAVIRTUAL} or {c.HT_DISK_SCSI}")
-        argv += _drive(ident.backend, disk.path, disk.readonly, cache,
-                       param=f"block device #{index} path")
+        argv += _drive(ident.backend, disk.path, disk.readonly,
+                       disk_cache(name, disk, cache, aio),
+                       param=f"block device #{index} path", aio=aio, discard=discard)
         device = ",".join([ident.driver or str(driver), f"drive={ident.backend}",
                            *ident.options()])
         if boot_disk and index == 0 and disk_type != c.HT_DISK_SD:
@@ -459,7 +549,7 @@ def _serial(hvp: Mapping[str, Any], paths: InstancePaths) -> list[str]:
 def _display(spec: MachineSpec, hvp: Mapping[str, Any], paths: InstancePaths) -> list[str]:
     address = hvp[c.HV_VNC_BIND_ADDRESS]
     if not address:
-        return ["-display", "none"]
+        return ["-display", "none", *peripherals.vga_argv(hvp.get(c.HV_VGA) or "")]
     if not isinstance(address, str):
         raise errors.ParameterError(
             f"Parameter {c.HV_VNC_BIND_ADDRESS} must be a string, not {_shown(address)}",
@@ -492,21 +582,24 @@ def _display(spec: MachineSpec, hvp: Mapping[str, Any], paths: InstancePaths) ->
         options.append(f"tls-creds={VNC_TLS_ID}")
     if hvp[c.HV_VNC_PASSWORD_FILE]:
         options.append("password=on")
-    return argv + ["-vga", "std", "-vnc", ",".join(options)]
+    # the 2011 driver's std adapter, unless vga names another
+    vga = peripherals.vga_argv(hvp.get(c.HV_VGA) or c.HT_VGA_STD)
+    return argv + vga + ["-vnc", ",".join(options)]
 
 
 def _usb(hvp: Mapping[str, Any]) -> list[str]:
     mouse = hvp[c.HV_USB_MOUSE]
     if not mouse and hvp[c.HV_VNC_BIND_ADDRESS]:
         mouse = c.HT_MOUSE_TABLET  # absolute pointer, so the VNC cursor stays in sync
+    others = peripherals.usb_argv(hvp.get(c.HV_USB_DEVICES) or "")
     if not mouse:
-        return []
+        return ["-usb", *others] if others else []
     device = MOUSE_DEVICES.get(mouse) if isinstance(mouse, str) else None
     if device is None:
         raise errors.ParameterError(
             f"Parameter {c.HV_USB_MOUSE} must be one of {', '.join(sorted(MOUSE_DEVICES))}, "
             f"not {_shown(mouse)}", c.HV_USB_MOUSE, mouse)
-    return ["-usb", "-device", f"{device},id=pointer0"]
+    return ["-usb", "-device", f"{device},id=pointer0", *others]
 
 
 def _isolation(spec: MachineSpec, hvp: Mapping[str, Any], caps: Caps,
@@ -550,6 +643,9 @@ class NicSpec:
     fd: int
     vhost: bool = False
     device: DeviceId | None = None
+    # Every queue's fd of a multiqueue TAP (virtio_net_queues > 1; ``fd`` is
+    # the first); empty for a TAP with one queue.
+    queue_fds: tuple[int, ...] = ()
 
 
 def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
@@ -576,10 +672,20 @@ def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
                 f"Instance {name}: NIC {index} has an unknown model {_shown(model)} "
                 f"(parameter {c.HV_NIC_TYPE})",
                 c.HV_NIC_TYPE, model)
-        if not isinstance(nic.fd, int) or isinstance(nic.fd, bool) or nic.fd < 0:
+        # No vnet_hdr= here: QEMU refuses it with fd= and fds= and reads the
+        # TAP's IFF_VNET_HDR (Ganeti's vnet_hdr, see host.netdev) from the fd.
+        fds = list(nic.queue_fds) or [nic.fd]
+        if not all(isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0 for fd in fds):
             raise errors.HypervisorError(
                 f"Instance {name}: NIC {index} has no open TAP device ({_shown(nic.fd)})")
-        netdev = f"tap,id={ident.backend},fd={nic.fd}"
+        if len(fds) > 1 and model != NIC_MODELS[c.HT_NIC_PARAVIRTUAL]:
+            raise errors.ParameterError(
+                f"Instance {name}: NIC {index} is a {model}, which has one queue only; set "
+                f"{c.HV_VIRTIO_NET_QUEUES} to 1", c.HV_VIRTIO_NET_QUEUES, len(fds))
+        if len(fds) > 1:
+            netdev = f"tap,id={ident.backend},fds={':'.join(map(str, fds))}"
+        else:
+            netdev = f"tap,id={ident.backend},fd={nic.fd}"
         if nic.vhost:
             netdev += ",vhost=on"
         options = ident.options()
@@ -587,6 +693,9 @@ def build_nic_argv(nics: Sequence[NicSpec], boot_network: bool,
         head = options[:1] if ident.id is not None else []
         device = ",".join([model, f"netdev={ident.backend}", *head, f"mac={mac}",
                            *options[len(head):]])
+        if len(fds) > 1:
+            # one MSI-X vector per queue and direction, plus config and control
+            device += f",mq=on,vectors={2 * len(fds) + 2}"
         argv += ["-netdev", netdev, "-device", device]
     return argv
 

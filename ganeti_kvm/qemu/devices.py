@@ -187,14 +187,16 @@ def used_slots(identities: Iterable[DeviceId | None]) -> set[int]:
     return {i.slot for i in identities if i is not None and i.slot is not None}
 
 
-def free_slot(used: set[int], name: str) -> int:
-    """The first slot from :data:`FIRST_FREE_SLOT` on that is not in ``used``."""
-    for slot in range(FIRST_FREE_SLOT, PCI_SLOTS):
+def free_slot(used: set[int], name: str, first: int = FIRST_FREE_SLOT) -> int:
+    """The first slot from ``first`` (the slots QEMU keeps) on that is not in ``used``."""
+    for slot in range(first, PCI_SLOTS):
         if slot not in used:
             return slot
     raise errors.HypervisorError(
-        f"Instance {name} has more NICs and disks than the {PCI_SLOTS - FIRST_FREE_SLOT} PCI "
-        "slots it can give them; remove some NICs or disks")
+        f"Instance {name} has more NICs and disks than the {PCI_SLOTS - first} PCI "
+        f"slots it can give them (slots {first}-{PCI_SLOTS - 1}, after the "
+        "kvm_pci_reservations slots QEMU keeps); remove some NICs or disks, or lower "
+        "kvm_pci_reservations")
 
 
 def _free_name(prefix: str, taken: set[str]) -> str:
@@ -206,13 +208,15 @@ def _free_name(prefix: str, taken: set[str]) -> str:
 
 def allocate(nics: Sequence[DeviceId | None], disks: Sequence[DeviceId | None],
              nic_on_pci: bool, disk_on_pci: bool, rom: bool, disk_type: str,
-             name: str = "(unnamed)") -> tuple[list[DeviceId], list[DeviceId]]:
+             name: str = "(unnamed)",
+             first_slot: int = FIRST_FREE_SLOT) -> tuple[list[DeviceId], list[DeviceId]]:
     """Identities for every NIC and disk, keeping those given and filling the None ones.
 
     Deterministic: disks first, then NICs, each new one taking the first
     free name (``disk0``, ``nic0``...) and, if it is a PCI device
     (``disk_on_pci``, ``nic_on_pci``), the first free slot of ``pci.0``
-    from :data:`FIRST_FREE_SLOT` on, after those already held.  New PCI
+    from ``first_slot`` on (the instance's kvm_pci_reservations), after
+    those already held.  New PCI
     NICs get the default option ROM if ``rom`` (a network boot), else none.
     Non-PCI disks keep their place by position (see :func:`positional_disk`).
     """
@@ -224,7 +228,7 @@ def allocate(nics: Sequence[DeviceId | None], disks: Sequence[DeviceId | None],
         if ident is None:
             if disk_on_pci:
                 backend = _free_name("disk", disk_names)
-                slot = free_slot(used, name)
+                slot = free_slot(used, name, first_slot)
                 used.add(slot)
                 ident = DeviceId(backend=backend, id=f"{backend}-dev", bus=PCI_BUS,
                                  addr=hex(slot))
@@ -238,7 +242,7 @@ def allocate(nics: Sequence[DeviceId | None], disks: Sequence[DeviceId | None],
             backend = _free_name("net", nic_names)
             nic_id = "nic" + backend[len("net"):]
             if nic_on_pci:
-                slot = free_slot(used, name)
+                slot = free_slot(used, name, first_slot)
                 used.add(slot)
                 ident = DeviceId(backend=backend, id=nic_id, bus=PCI_BUS, addr=hex(slot),
                                  romfile=None if rom else "")
