@@ -58,3 +58,9 @@ ganeti-remove:
 deb:
 	@deb=$$($(PYTHON) -m tests.debpkg) && \
 		lintian --allow-root --fail-on error,warning "$$deb" && echo "$$deb"
+
+# gnt-cluster upgrade --to 3.1 of a Ganeti 3.0 test cluster that runs ganeti-kvm
+# (the .deb) with instances running; part of make test, this runs it alone.
+.PHONY: cluster-upgrade-test
+cluster-upgrade-test: setup
+	$(PYTHON) -m pytest -q -s tests/test_cluster_upgrade.py

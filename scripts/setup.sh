@@ -7,7 +7,8 @@
 #   - Ganeti 3.0 and 3.1's Python code, unpacked into the cache for the Ganeti
 #     3.x contract tests (tests/ganeti_trees.py);
 #   - Ganeti 3.0, its noop OS and sshd for the two-node cluster tests
-#     (tests/cluster.py), installed without starting any service;
+#     (tests/cluster.py), installed without starting any service, and Ganeti
+#     3.1 from bookworm-backports next to it (the machine's default stays 3.0);
 #   - the tiny test guest (tests/guestimage.py).
 # Idempotent, and quick when everything is already in place.
 # The cache is $GANETI_KVM_CACHE (default /var/cache/ganeti-kvm).
@@ -260,6 +261,72 @@ if [ -z "$ganeti_mirror" ]; then
     exit 1
 fi
 (cd "$REPO" && GANETI_KVM_CACHE=$CACHE python3 -m tests.ganeti_trees --mirror "$ganeti_mirror")
+
+# --- Ganeti 3.1 next to 3.0, for the cluster tests ----------------------------
+
+# The cluster tests run on Ganeti 3.0 and 3.1 (tests/cluster.py) and upgrade
+# one from 3.0 to 3.1.  Debian installs Ganeti versions side by side for
+# "gnt-cluster upgrade": ganeti-3.1 and ganeti-haskell-3.1 (and htools) only
+# add /usr/share/ganeti/3.1 and /usr/lib/ganeti/3.1; a node runs the version
+# its /etc/ganeti/share and /etc/ganeti/lib symlinks name, and the meta
+# package "ganeti" (which stays 3.0 here) owns those.  Their maintainer
+# scripts only byte-compile and ask debconf, start nothing; the policy-rc.d
+# guard is kept anyway.  apt gets the backports suite through a private
+# sources list and lists (as for QEMU 10.0 above): the machine's own apt
+# sources are left alone, so no later upgrade pulls anything from backports.
+# "package/suite" picks these three packages alone from backports.  The lock
+# of tests/host_ganeti.py is held: tests that switch the machine's Ganeti
+# driver must not see a version appear under them.
+GANETI31_PACKAGES="ganeti-3.1 ganeti-haskell-3.1 ganeti-htools-3.1"
+missing=
+for package in $GANETI31_PACKAGES; do
+    is_installed "$package" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    suite=$codename-backports
+    log "installing$missing from $suite, next to Ganeti 3.0 (starting no service)"
+    work=$(mktemp -d "$CACHE/ganeti-3.1-apt.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/lists/partial"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    options=
+    [ -f "$keyring" ] && options="[signed-by=$keyring] "
+    printf 'deb %s%s %s main\ndeb %s%s %s main\n' "$options" "$ganeti_mirror" "$codename" \
+        "$options" "$ganeti_mirror" "$suite" >"$work/sources.list"
+    set -- -q -o "Dir::Etc::sourcelist=$work/sources.list" \
+        -o "Dir::Etc::sourceparts=-" -o "Dir::State::Lists=$work/lists" \
+        -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache=" \
+        -o "APT::Sandbox::User=root"
+    apt-get "$@" update
+    targets=
+    for package in $missing; do
+        targets="$targets $package/$suite"
+    done
+    policy=/usr/sbin/policy-rc.d
+    own_policy=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# ganeti-kvm scripts/setup.sh: no service starts during its install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        own_policy=true
+        trap 'rm -rf "$work" "$policy"' EXIT
+    fi
+    # shellcheck disable=SC2086
+    flock /usr/share/ganeti/3.0/ganeti/hypervisor/hv_kvm \
+        apt-get "$@" install -y --no-install-recommends $targets
+    if [ "$own_policy" = true ]; then
+        rm -f "$policy"
+    fi
+    rm -rf "$work"
+    trap - EXIT
+fi
+# The machine's own Ganeti stays 3.0.
+if [ "$(readlink /etc/ganeti/share)" != /usr/share/ganeti/3.0 ] ||
+        [ "$(dpkg-query -W -f='${Version}' ganeti)" != "$(dpkg-query -W -f='${Version}' ganeti-3.0)" ]; then
+    echo "setup: this machine's default Ganeti is no longer 3.0 (/etc/ganeti/share," \
+        "package ganeti); the cluster tests expect 3.0 as the default" >&2
+    exit 1
+fi
 
 # --- the test guest ---------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""A real two-node Ganeti 3.0 cluster on this one machine, for end-to-end tests.
+"""A real two-node Ganeti 3.0 or 3.1 cluster on this one machine, for end-to-end tests.
 
 :class:`Cluster` builds the cluster (``up``), runs commands in its nodes
 (``gnt``, ``run``) and removes every trace of it (``down``).  The pytest
@@ -15,7 +15,9 @@ the end, failed tests or not, and then fails the run if anything is left::
         cluster.gnt("node1", "gnt-instance", "remove", "-f", "inst1")
 
 Tests that leave instances behind are harmless to the teardown, but later
-tests share the cluster: remove what you add.  ``python3 -m tests.cluster``
+tests share the cluster: remove what you add.  The fixture is parametrised
+by Ganeti version (:data:`VERSIONS`; ``GANETI_KVM_CLUSTER_VERSIONS="3.0"``
+picks some): every test using it runs once on each version's cluster.  ``python3 -m tests.cluster``
 removes clusters left by killed sessions.
 
 How the nodes are made
@@ -31,13 +33,26 @@ How the nodes are made
     In its mount namespace a node sees a fresh sysfs (else Ganeti would see
     the machine's links) and its own copies, bind-mounted from ``ROOT/NODE``,
     of ``/etc/ganeti``, ``/var/lib/ganeti``, ``/var/log/ganeti``, ``/etc/ssh``,
-    ``/etc/hosts``, ``/run``, ``/srv`` and ``/root``.  Ganeti rewrites ssh host
-    keys and ``authorized_keys``, and its node join runs ``service ssh
-    restart``, so none of these may be the machine's.  ``/srv`` and ``/root``
-    are bound whole because ``/srv/ganeti`` and ``/root/.ssh`` need not exist
+    ``/etc/hosts``, ``/run``, ``/srv``, ``/root`` and ``/var/backups``.  Ganeti
+    rewrites ssh host keys and ``authorized_keys``, its node join runs
+    ``service ssh restart``, and ``gnt-cluster upgrade`` leaves a tar of the
+    configuration in ``/var/backups``, so none of these may be the machine's.
+    ``/srv`` and ``/root`` are bound whole because ``/srv/ganeti`` and ``/root/.ssh`` need not exist
     on the machine, and making them there would leave files behind.  One host
     directory, ``ROOT/shared``, is bound into both nodes as the ``sharedfile``
     storage directory.
+
+    Which Ganeti a node runs is what Debian's side-by-side packaging makes
+    it: every installed version has its own ``/usr/share/ganeti/VERSION``
+    and ``/usr/lib/ganeti/VERSION``, and ``/usr/sbin``'s commands and daemons
+    reach them through ``/usr/share/ganeti/default`` and
+    ``/usr/lib/ganeti/default``, symlinks to ``/etc/ganeti/share`` and
+    ``/etc/ganeti/lib``.  The node's own ``/etc/ganeti`` names the cluster's
+    version there (``gnt-cluster upgrade`` changes those two links).  When
+    the machine has a ``/usr/sbin/policy-rc.d`` (a container's, refusing
+    every service action), each node gets one of its own that allows them:
+    the nodes are where Ganeti's daemons run, and a package's maintainer
+    scripts restart them through ``invoke-rc.d``.
 
     Every command runs through ``nsenter`` into its node with a clean
     environment (the Python first on the caller's PATH is not Ganeti's); the
@@ -54,8 +69,10 @@ How it is removed
     the next session (:func:`remove_stale_clusters`).
 
 Limits of the test machine: it has no ``/proc/sysrq-trigger``, so ``gnt-cluster
-verify`` always reports one node setup error for it (:data:`SYSRQ_ERROR`); and
-Linux guests only boot under TCG (``kvm_flag=disabled``).
+verify`` always reports one node setup error for it (:data:`SYSRQ_ERROR`);
+Linux guests only boot under TCG (``kvm_flag=disabled``); and without
+``/dev/vhost-net`` the cluster's default is ``vhost_net=false`` (Ganeti 3.1's
+own default is true).
 """
 
 from __future__ import annotations
@@ -99,6 +116,14 @@ KVM_PID_DIR = "/run/ganeti/kvm-hypervisor/pid"
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLEAN_ENV = {"HOME": "/root", "PATH": CLEAN_PATH, "LANG": "C.UTF-8", "TERM": "dumb"}
 GANETI_PACKAGES = ("ganeti", "ganeti-os-noop", "openssh-server")
+# The Ganeti versions a cluster can run; scripts/setup.sh installs both.
+VERSIONS = ("3.0", "3.1")
+DEFAULT_VERSION = "3.0"
+VERSIONS_ENV = "GANETI_KVM_CLUSTER_VERSIONS"
+GANETI_SHARE = "/usr/share/ganeti"
+GANETI_LIB = "/usr/lib/ganeti"
+POLICY_RC_D = "/usr/sbin/policy-rc.d"
+VHOST_NET_DEVICE = "/dev/vhost-net"
 # What the cluster needs from the machine; scripts/setup.sh installs it.
 REQUIRED_PROGRAMS = {
     "/usr/sbin/gnt-cluster": "Ganeti 3.0 (Debian package ganeti)",
@@ -110,7 +135,7 @@ REQUIRED_PROGRAMS = {
 }
 # Host paths a cluster must leave exactly as it found them.
 HOST_PATHS = ("/etc/hosts", "/etc/ssh", "/root/.ssh", "/etc/ganeti", "/var/lib/ganeti",
-              "/var/log/ganeti", "/run/ganeti", "/srv/ganeti")
+              "/var/log/ganeti", "/run/ganeti", "/srv/ganeti", "/var/backups")
 # The one error `gnt-cluster verify` reports, once per node, on a machine
 # without /proc/sysrq-trigger (see machine_has_sysrq).
 SYSRQ_ERROR = re.compile(
@@ -161,7 +186,16 @@ _BINDS = (
     _Bind("home", "/root"),
     _Bind("etc-ssh", "/etc/ssh"),
     _Bind("hosts", "/etc/hosts"),
+    # gnt-cluster upgrade keeps a tar of the configuration there.
+    _Bind("backups", "/var/backups"),
 )
+# Bound only when the machine has one (see the module docstring).
+_POLICY_BIND = _Bind("policy-rc.d", POLICY_RC_D)
+_NODE_POLICY = """#!/bin/sh
+# policy-rc.d of a ganeti-kvm test cluster node (tests/cluster.py): the node's
+# services (Ganeti's daemons) may be started and restarted.
+exit 0
+"""
 
 # The sshd of a node: its own address only, keys only, no PAM (the machine's
 # PAM stack would talk to the machine's login records and session manager).
@@ -179,18 +213,40 @@ Subsystem sftp /usr/lib/openssh/sftp-server
 """
 
 
-def ganeti_missing() -> list[str]:
-    """What of :data:`REQUIRED_PROGRAMS` this machine lacks (empty if nothing)."""
-    missing = [f"{what} at {path}" for path, what in REQUIRED_PROGRAMS.items()
+def version_paths(version: str) -> dict[str, str]:
+    """The files that make Ganeti ``version`` runnable, and what provides them."""
+    return {os.path.join(GANETI_SHARE, version, "ganeti", "__init__.py"):
+            f"Ganeti {version}'s Python code (Debian package ganeti-{version})",
+            os.path.join(GANETI_LIB, version, "usr", "sbin", "ganeti-luxid"):
+            f"Ganeti {version}'s daemons (Debian package ganeti-haskell-{version})"}
+
+
+def wanted_versions(env: dict[str, str] | None = None) -> list[str]:
+    """The versions to build clusters of: $GANETI_KVM_CLUSTER_VERSIONS, else all."""
+    text = (os.environ if env is None else env).get(VERSIONS_ENV, "").strip()
+    if not text:
+        return list(VERSIONS)
+    wanted = text.replace(",", " ").split()
+    unknown = [v for v in wanted if v not in VERSIONS]
+    if unknown:
+        raise ClusterError(f"{VERSIONS_ENV}={text!r}: unknown Ganeti version "
+                           f"{', '.join(unknown)}; use some of {', '.join(VERSIONS)}")
+    return wanted
+
+
+def ganeti_missing(version: str = DEFAULT_VERSION) -> list[str]:
+    """What of :data:`REQUIRED_PROGRAMS` and Ganeti ``version`` this machine lacks."""
+    needed = {**REQUIRED_PROGRAMS, **version_paths(version)}
+    missing = [f"{what} at {path}" for path, what in needed.items()
                if not os.path.exists(path)]
     if os.geteuid() != 0:
         missing.append("root (namespaces and mounts)")
     return missing
 
 
-def require_ganeti() -> None:
-    """Skip the calling test if Ganeti is missing here; with CI=true, fail instead."""
-    missing = ganeti_missing()
+def require_ganeti(version: str = DEFAULT_VERSION) -> None:
+    """Skip the calling test if Ganeti ``version`` is missing here; with CI=true, fail."""
+    missing = ganeti_missing(version)
     if not missing:
         return
     message = f"the Ganeti test cluster needs {'; '.join(missing)}; run 'make setup'"
@@ -317,7 +373,7 @@ def _describe(pid: int) -> str:
 
 
 class Cluster:
-    """A two-node Ganeti 3.0 cluster in namespaces on this machine.
+    """A two-node Ganeti cluster (``version``: 3.0 or 3.1) in namespaces on this machine.
 
     Use it as a context manager (``with Cluster(...) as cluster:``) or call
     :meth:`up` and :meth:`down`; ``down`` is safe to call at any point, also
@@ -331,7 +387,12 @@ class Cluster:
 
     def __init__(self, kernel: str | None = None, initrd: str | None = None,
                  kvm_path: str = "/usr/bin/qemu-system-x86_64",
-                 hvparams: dict[str, str] | None = None, base_dir: str = "/tmp") -> None:
+                 hvparams: dict[str, str] | None = None, base_dir: str = "/tmp",
+                 version: str = DEFAULT_VERSION) -> None:
+        if version not in VERSIONS:
+            raise ClusterError(f"no Ganeti {version!r} for the test cluster; use one of "
+                               f"{', '.join(VERSIONS)}")
+        self.version = version
         self.nodes = {name: Node(name, f"{SUBNET}.{11 + index}")
                       for index, name in enumerate(("node1", "node2"))}
         self.master = "node1"
@@ -549,11 +610,18 @@ class Cluster:
         base = self.node_dir(name)
         os.mkdir(base, 0o755)
         shutil.copytree("/etc/ganeti", os.path.join(base, "etc-ganeti"), symlinks=True)
+        self._select_version(os.path.join(base, "etc-ganeti"))
+        if os.path.exists(POLICY_RC_D):
+            path = os.path.join(base, _POLICY_BIND.source)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755), "w",
+                      encoding="ascii") as handle:
+                handle.write(_NODE_POLICY)
         # Ganeti 3.0 has one whitelist for both file and sharedfile storage.
         with open(os.path.join(base, "etc-ganeti", "file-storage-paths"), "w",
                   encoding="ascii") as handle:
             handle.write(f"{FILE_STORAGE_DIR}\n{SHARED_STORAGE_DIR}\n")
         for directory, mode in (("lib", 0o755), ("log", 0o755), ("run", 0o755),
+                                ("backups", 0o755),
                                 ("run/ganeti", 0o755), ("run/lock", 0o1777),
                                 ("run/sshd", 0o755), ("srv", 0o755), ("srv/ganeti", 0o755),
                                 ("srv/ganeti/file-storage", 0o750),
@@ -568,6 +636,19 @@ class Cluster:
         lines += [f"{n.address} {n.fqdn} {n.name}" for n in self.nodes.values()]
         with open(os.path.join(base, "hosts"), "w", encoding="ascii") as handle:
             handle.write("\n".join(lines) + "\n")
+
+    def _select_version(self, etc_ganeti: str) -> None:
+        """Point the node's /etc/ganeti/share and lib at the cluster's Ganeti version."""
+        for link, top in (("share", GANETI_SHARE), ("lib", GANETI_LIB)):
+            path = os.path.join(etc_ganeti, link)
+            if os.path.lexists(path):
+                os.remove(path)
+            os.symlink(os.path.join(top, self.version), path)
+
+    def node_version(self, node: str) -> str:
+        """The Ganeti version ``node``'s /etc/ganeti/share names (changed by an upgrade)."""
+        link = os.readlink(os.path.join(self.node_dir(node), "etc-ganeti", "share"))
+        return os.path.basename(os.path.normpath(link))
 
     @staticmethod
     def _prepare_ssh(node: Node, etc_ssh: str) -> None:
@@ -589,7 +670,10 @@ class Cluster:
         self.run(name, "hostname", node.fqdn)
         # /sys/class/net must show this node's links: Ganeti looks for bridges there.
         self.run(name, "mount", "-t", "sysfs", "-o", "nosuid,nodev,noexec", "sysfs", "/sys")
-        for bind in _BINDS:
+        binds = [*_BINDS]
+        if os.path.exists(os.path.join(base, _POLICY_BIND.source)):
+            binds.append(_POLICY_BIND)
+        for bind in binds:
             self.run(name, "mount", "--bind", os.path.join(base, bind.source), bind.target)
         self.run(name, "mount", "--bind", self.shared_dir, SHARED_STORAGE_DIR)
         # The namespace files of the lan and of earlier nodes are mounted in the
@@ -647,6 +731,10 @@ class Cluster:
             params["kernel_args"] = "panic=-1 quiet"
         if self.initrd_path:
             params["initrd_path"] = self.initrd_path
+        if not os.path.exists(VHOST_NET_DEVICE):
+            # Ganeti 3.1 turns vhost_net on by default; its driver then opens
+            # /dev/vhost-net for every paravirtual NIC and refuses to start.
+            params["vhost_net"] = "false"
         params.update(self.extra_hvparams)
         return params
 
@@ -814,19 +902,32 @@ def remove_stale_clusters(base_dir: str = "/tmp") -> list[str]:
     return removed
 
 
-@pytest.fixture(scope="session")
-def ganeti_cluster(guest: Any) -> Iterator[Cluster]:
-    """The session's two-node Ganeti cluster, removed at the end of the session.
+def _version_params() -> list[Any]:
+    try:
+        wanted = wanted_versions()
+    except ClusterError as err:
+        wanted = [f"invalid: {err}"]
+    return [pytest.param(v, id=f"ganeti{v}") for v in wanted]
 
-    The removal is checked: if any process, mount or file of the cluster is
-    left, or a host path in :data:`HOST_PATHS` changed, the session's last
-    user of the fixture fails at teardown.  With CI=true a machine without
-    Ganeti fails; elsewhere the tests are skipped.
+
+@pytest.fixture(scope="session", params=_version_params())
+def ganeti_cluster(guest: Any, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The session's two-node Ganeti cluster of one version, removed after its tests.
+
+    pytest runs every test of the session that uses it on one version's
+    cluster, removes that, then builds the next version's.  The removal is
+    checked: if any process, mount or file of the cluster is left, or a host
+    path in :data:`HOST_PATHS` changed, the last user of the fixture fails
+    at teardown.  With CI=true a machine without that Ganeti fails;
+    elsewhere the tests are skipped.
     """
-    require_ganeti()
+    ganeti_version = str(request.param)
+    if ganeti_version not in VERSIONS:
+        pytest.fail(ganeti_version)  # the reason wanted_versions() gave
+    require_ganeti(ganeti_version)
     remove_stale_clusters()
     before = host_snapshot()
-    cluster = Cluster(kernel=guest.kernel, initrd=guest.initrd)
+    cluster = Cluster(kernel=guest.kernel, initrd=guest.initrd, version=ganeti_version)
     try:
         cluster.up()
         yield cluster

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 DRIVER_DIR = "/usr/share/ganeti/3.0/ganeti/hypervisor/hv_kvm"
+GANETI_SHARE = "/usr/share/ganeti"
+DRIVER = "ganeti/hypervisor/hv_kvm/__init__.py"
+VERSIONS = ("3.0", "3.1")
 LOCK_TIMEOUT = 900.0  # the end-to-end module holds it for about two minutes
 
 
@@ -51,3 +55,18 @@ def host_driver_lock(path: str = DRIVER_DIR, timeout: float = LOCK_TIMEOUT) -> I
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def driver_digests(share: str = GANETI_SHARE) -> dict[str, str]:
+    """SHA-256 of the KVM driver file of every installed Ganeti 3.x (by version).
+
+    Taken before a test switches the driver and after it switches back, it
+    shows Ganeti's own drivers are back byte for byte.
+    """
+    found = {}
+    for version in VERSIONS:
+        path = os.path.join(share, version, DRIVER)
+        if os.path.exists(path):
+            with open(path, "rb") as handle:
+                found[version] = hashlib.sha256(handle.read()).hexdigest()
+    return found

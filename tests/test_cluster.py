@@ -1,4 +1,4 @@
-"""The two-node Ganeti 3.0 test cluster (tests/cluster.py) and Ganeti's own KVM driver on it.
+"""The two-node Ganeti test cluster (tests/cluster.py, on 3.0 and 3.1) and Ganeti's own KVM driver.
 
 The cluster is the session fixture ``ganeti_cluster``; its teardown fails the
 session if removing it leaves a process, mount, directory or changed host
@@ -57,7 +57,44 @@ def test_gnt_runs_only_ganeti_commands() -> None:
         Cluster().gnt("node1", "/bin/sh", "-c", "true")
 
 
+def test_versions_to_build_come_from_the_environment(short_dir: str) -> None:
+    assert gc.wanted_versions({}) == ["3.0", "3.1"]
+    assert gc.wanted_versions({gc.VERSIONS_ENV: "3.1"}) == ["3.1"]
+    assert gc.wanted_versions({gc.VERSIONS_ENV: " 3.0,3.1 "}) == ["3.0", "3.1"]
+    with pytest.raises(ClusterError, match="unknown Ganeti version 2.16"):
+        gc.wanted_versions({gc.VERSIONS_ENV: "3.0 2.16"})
+    with pytest.raises(ClusterError, match="no Ganeti '2.16'"):
+        Cluster(version="2.16")
+    # A node's /etc/ganeti names the cluster's version (links replaced, not followed).
+    cluster = Cluster(version="3.1")
+    cluster.root = short_dir
+    etc = os.path.join(short_dir, "node1", "etc-ganeti")
+    os.makedirs(etc)
+    os.symlink("/usr/share/ganeti/3.0", os.path.join(etc, "share"))
+    cluster._select_version(etc)
+    assert os.readlink(os.path.join(etc, "share")) == "/usr/share/ganeti/3.1"
+    assert os.readlink(os.path.join(etc, "lib")) == "/usr/lib/ganeti/3.1"
+    assert cluster.node_version("node1") == "3.1"
+
+
 # --- on the cluster -------------------------------------------------------------
+
+
+def test_cluster_runs_its_ganeti_version(ganeti_cluster: Cluster) -> None:
+    """Both nodes run the cluster's Ganeti version; the machine's own default stays 3.0."""
+    cluster = ganeti_cluster
+    for name in cluster.nodes:
+        assert cluster.node_version(name) == cluster.version
+        first = cluster.gnt(name, "gnt-cluster", "--version").stdout.splitlines()[0]
+        assert f"(ganeti {cluster.version}." in first, first
+        luxid = cluster.run(name, "readlink", "-f", "/usr/sbin/ganeti-luxid").stdout.strip()
+        assert luxid == f"/usr/lib/ganeti/{cluster.version}/usr/sbin/ganeti-luxid"
+    master = process.read_pidfile(cluster.host_path(cluster.master,
+                                                    "/run/ganeti/ganeti-luxid.pid"))
+    assert master is not None
+    assert os.readlink(f"/proc/{master}/exe").startswith(f"/usr/lib/ganeti/{cluster.version}/")
+    assert os.readlink("/etc/ganeti/share") == "/usr/share/ganeti/3.0"
+
 
 
 def test_cluster_is_up_in_its_own_namespaces(ganeti_cluster: Cluster) -> None:
@@ -186,6 +223,7 @@ def test_a_dead_sessions_cluster_is_removed(short_dir: str) -> None:
 
 def test_missing_ganeti_skips_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gc, "REQUIRED_PROGRAMS", {"/nonexistent/gnt-cluster": "Ganeti 3.0"})
+    assert any("Debian package ganeti-haskell-9.9" in m for m in gc.ganeti_missing("9.9"))
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="Ganeti 3.0 at /nonexistent/gnt-cluster"):
         gc.require_ganeti()

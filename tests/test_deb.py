@@ -312,11 +312,17 @@ def test_install_trigger_remove_and_purge_on_this_machine(deb: str,
 
     In between, a Ganeti version that appears later (3.1, from the unpacked
     package) is diverted by the trigger, and forgotten when it goes again.
+    Where Ganeti 3.1 is installed already (scripts/setup.sh installs it for
+    the cluster tests), its driver is diverted with 3.0's and restored byte
+    for byte, and a trigger (as when ganeti-3.1 is upgraded) keeps it so.
     """
     driver = _may_touch_this_machines_ganeti()
     tree_31 = ganeti_trees.find_tree("3.1")
     new_version = os.path.join(GANETI, "3.1")
     add_31 = tree_31 is not None and not os.path.exists(new_version)
+    driver_31 = install.Layout("/").driver("3.1")
+    had_31 = os.path.isfile(driver_31)
+    before_31 = sha256(driver_31) if had_31 else ""
     before = sha256(driver)
     had_run_ganeti = os.path.isdir(os.path.dirname(install.marker(c.DEFAULT_RUN_DIR)))
     try:
@@ -357,9 +363,17 @@ def test_install_trigger_remove_and_purge_on_this_machine(deb: str,
             _trigger_ganeti()
             assert not os.path.exists(new_version)
             assert "3.1/" not in diversions()
+        elif had_31:
+            _trigger_ganeti()
+            assert run(["dpkg-divert", "--listpackage", driver_31]).stdout.strip() == \
+                "ganeti-kvm"
+            assert install.is_shim(driver_31)
+            assert sha256(driver_31 + install.DIVERT_SUFFIX) == before_31
 
         dpkg("-r", "ganeti-kvm")
         assert sha256(driver) == before
+        if had_31:
+            assert sha256(driver_31) == before_31
         assert "hv_kvm" not in diversions()
         assert not os.path.exists(driver + install.DIVERT_SUFFIX)
         dpkg("-P", "ganeti-kvm")

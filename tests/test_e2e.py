@@ -1,22 +1,36 @@
-"""End to end: ganeti-kvm as the KVM driver of a real Ganeti 3.0 cluster (issue 12).
+"""End to end: ganeti-kvm as the KVM driver of a real Ganeti 3.0 and 3.1 cluster (issues 12, 14).
 
 The steps an operator takes, each through Ganeti's own commands on the test
 cluster (:mod:`tests.cluster`) and each checked again outside Ganeti
 (:mod:`tests.ganeti_observe`): which node's namespaces the QEMU runs in,
 what QEMU says on the instance's QMP socket, and the guest's counter on its
-serial port.  The tests run in file order and share one instance
-(``E2E_INSTANCE``); a step puts the instance into the state it needs when
+serial port.  The module runs once per Ganeti version (the cluster fixture
+is parametrised, see :mod:`tests.cluster`).  The tests run in file order
+and share one instance (``E2E_INSTANCE``); a step puts the instance into the state it needs when
 an earlier step failed to leave it so.  The module removes every instance
 it adds, and puts Ganeti's own driver back if it installed ganeti-kvm.
 
 ``GANETI_KVM_E2E_DRIVER`` picks the driver:
 
 ``ours`` (the default)
-    ``ganeti-kvm ganeti install`` on both nodes first, where
-    ``test_switch_to_ours`` checks that instances Ganeti's driver started run
-    on and obey ours; the steps; then ``ganeti-kvm ganeti remove`` in
-    ``test_switch_back_to_bundled`` (the instance ours started runs on and
-    obeys Ganeti's driver), which ``test_remove`` then removes.
+    The Debian package (``make deb``, :func:`tests.debpkg.build`) is
+    installed first, where ``test_switch_to_ours`` checks that instances
+    Ganeti's driver started run on and obey ours; the steps; then the package
+    is removed in ``test_switch_back_to_bundled`` (the instance ours started
+    runs on and obeys Ganeti's driver), which ``test_remove`` then removes.
+    ``test_package_cycle`` installs, removes, reinstalls and purges it with
+    instances running.
+
+    The nodes share ``/usr`` and dpkg's database with the machine, and each
+    node switches its own daemon and instances (its ``/run``): ``dpkg -i``
+    runs inside node1's namespaces, so its postinst switches node1; node2
+    then runs what its postinst would run on a node of its own,
+    ``ganeti-kvm ganeti install --packaged`` (the files are switched
+    already; its per-node marker makes it restart node2's daemon and adopt
+    node2's instances).  Removing goes the other way round: node2's prerm
+    command (``ganeti-kvm ganeti remove --packaged``) while the package is
+    still there, then ``dpkg -r`` (or ``-P``) in node1.  Ganeti's own
+    drivers are then back byte for byte.
 ``bundled``
     Ganeti's own KVM driver, as the baseline: the switch tests are skipped,
     and the two steps where Ganeti's driver leaves the guest paused are
@@ -31,6 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,8 +53,8 @@ from typing import Any
 import pytest
 
 from ganeti_kvm.ganeti3 import install
+from tests import debpkg, host_ganeti
 from tests import ganeti_observe as obs
-from tests import host_ganeti
 from tests.cluster import SYSRQ_ERROR, Cluster, machine_has_sysrq
 from tests.guestimage import FIRST_LINE
 
@@ -55,9 +70,10 @@ VCPUS = 1
 BOOT_LINES = ["BOOT 1 kernel", "BOOT 2 modules loaded", "DISK BLANK", "NET NONE",
               "BOOT 3 acpid running", "READY", "COUNTER 1"]
 STOP_TIMEOUT = 30
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GANETI_PYTHON = "/usr/bin/python3"
 SWITCH_TIMEOUT = 300
+PACKAGE = debpkg.PACKAGE
+DPKG_LOCK_WAIT = 300.0
+CYCLE_INSTANCES = ("gk-e2e-pkg1", "gk-e2e-pkg2")
 
 
 def _bundled_leaves_it_paused(reason: str) -> Any:
@@ -68,8 +84,11 @@ def _bundled_leaves_it_paused(reason: str) -> Any:
 class E2E:
     """The shared state of the module: the cluster, the driver, the timings."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, deb: str = "") -> None:
         self.cluster = cluster
+        self.deb = deb  # the package to install (driver "ours")
+        # Ganeti's own drivers as found at the start, to compare byte for byte.
+        self.bundled = host_ganeti.driver_digests()
         self.timings: dict[str, float] = {}
         self.added: list[str] = []
         self.ours_installed = False
@@ -152,44 +171,94 @@ class E2E:
 
     # --- the driver ---------------------------------------------------------
 
-    def ganeti_kvm(self, node: str, *args: str) -> str:
-        """``ganeti-kvm ganeti ARGS`` inside ``node``, under Ganeti's own python.
+    def dpkg(self, node: str, *args: str) -> str:
+        """``dpkg ARGS`` inside ``node``; waits (bounded) while another dpkg holds its lock."""
+        deadline = time.monotonic() + DPKG_LOCK_WAIT
+        while True:
+            result = self.cluster.run(node, "env", "DEBIAN_FRONTEND=noninteractive", "dpkg",
+                                      *args, check=False, timeout=SWITCH_TIMEOUT)
+            if result.returncode == 0:
+                return result.stdout + result.stderr
+            locked = "lock" in result.stderr and "locked" in result.stderr
+            if not locked or time.monotonic() > deadline:
+                raise AssertionError(f"dpkg {' '.join(args)} in {node} exited with "
+                                     f"{result.returncode}:\n{result.stdout}{result.stderr}")
+            time.sleep(1)
 
-        The package is not installed for /usr/bin/python3 (only ``install``
-        makes it importable there); ``env`` gives this one command the
-        source tree, and install's own subprocesses (import checks, the
-        daemon restart) run without it.
-        """
-        return self.cluster.run(node, "env", f"PYTHONPATH={REPO}", GANETI_PYTHON, "-m",
-                                "ganeti_kvm", "ganeti", *args, timeout=SWITCH_TIMEOUT).stdout
+    def marker(self, node: str) -> str:
+        """Host path of the file saying ``node``'s daemon runs ganeti-kvm."""
+        return self.cluster.host_path(node, install.marker(obs.KVM_RUN_DIR))
+
+    def packaged(self, node: str, action: str) -> str:
+        """What the package's maintainer scripts run on a node: ``ganeti-kvm ganeti ACTION``."""
+        return self.cluster.run(node, "ganeti-kvm", "ganeti", action, "--packaged",
+                                timeout=SWITCH_TIMEOUT).stdout
 
     def use_driver(self) -> None:
         """Make the driver under test Ganeti's (install ganeti-kvm once, for ``ours``)."""
         if OURS and not self.ours_installed and not self.switched_back:
             self.install_ours()
 
-    def install_ours(self) -> None:
-        """``ganeti-kvm ganeti install`` on each node (its noded restarted, its QEMUs adopted)."""
+    def install_ours(self, step: str = "install") -> None:
+        """Install the package: ``dpkg -i`` in node1, its postinst's command in node2."""
         self.ours_installed = True  # the teardown removes even a half-done install
-        for node in self.cluster.nodes:
-            started = time.monotonic()
-            out = self.ganeti_kvm(node, "install")
-            self.timings[f"install ({node})"] = time.monotonic() - started
-            assert "restarted the node daemon" in out, out
-        for node in self.cluster.nodes:
-            assert self.ganeti_kvm(node, "status").strip() == "Ganeti 3.0: ganeti-kvm"
+        first, *others = self.cluster.nodes
+        outputs = {first: self.timed(f"{step} ({first}, dpkg -i)",
+                                     lambda: self.dpkg(first, "-i", self.deb))}
+        for node in others:
+            outputs[node] = self.timed(f"{step} ({node})",
+                                       functools.partial(self.packaged, node, "install"))
+        for node, out in outputs.items():
+            assert "restarted the node daemon" in out, f"{node}: {out}"
+            assert os.path.exists(self.marker(node)), f"{node} was not switched: {out}"
+        assert driver_status() == "ganeti-kvm"
 
-    def remove_ours(self) -> None:
-        """``ganeti-kvm ganeti remove`` on each node: Ganeti's own driver back."""
-        for node in self.cluster.nodes:
-            started = time.monotonic()
-            out = self.ganeti_kvm(node, "remove")
-            # Also the second node, whose /usr the first remove restored already.
-            assert "restarted the node daemon" in out, out
-            self.timings[f"remove ({node})"] = time.monotonic() - started
+    def remove_ours(self, step: str = "remove", purge: bool = False) -> None:
+        """Remove the package (``dpkg -r``, or ``-P``): Ganeti's own drivers back, byte for byte.
+
+        node2 first (its prerm's command, while the package is still there),
+        then dpkg in node1, whose prerm finds the files restored already and
+        switches node1 by its marker.
+        """
+        first, *others = self.cluster.nodes
+        outputs = {}
+        for node in others:
+            outputs[node] = self.timed(f"{step} ({node})",
+                                       functools.partial(self.packaged, node, "remove"))
+        option = "-P" if purge else "-r"
+        outputs[first] = self.timed(f"{step} ({first}, dpkg {option})",
+                                    lambda: self.dpkg(first, option, PACKAGE))
         self.ours_installed = False
-        for node in self.cluster.nodes:
-            assert self.ganeti_kvm(node, "status").strip() == "Ganeti 3.0: bundled"
+        for node, out in outputs.items():
+            assert "restarted the node daemon" in out, f"{node}: {out}"
+            assert not os.path.exists(self.marker(node)), f"{node} was not switched back"
+        assert driver_status() == "bundled"
+        assert host_ganeti.driver_digests() == self.bundled
+
+    def cleanup_package(self) -> None:
+        """After a failure: switch back both nodes if needed, and purge the package."""
+        first, *others = self.cluster.nodes
+        if package_status() != "not-installed":
+            for node in others:
+                self.cluster.run(node, "ganeti-kvm", "ganeti", "remove", "--packaged",
+                                 check=False, timeout=SWITCH_TIMEOUT)
+            self.dpkg(first, "-P", PACKAGE)
+        self.ours_installed = False
+
+
+def package_status() -> str:
+    """dpkg's status of the package on the machine (and so on every node)."""
+    result = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", PACKAGE],
+                            capture_output=True, text=True, check=False,
+                            env={"PATH": debpkg.BUILD_ENV_PATH, "LC_ALL": "C.UTF-8"})
+    return result.stdout.strip() if result.returncode == 0 else "not-installed"
+
+
+def driver_status() -> str:
+    """``ganeti-kvm`` or ``bundled`` for every installed Ganeti 3.x (the nodes share /usr)."""
+    found = set(install.status("/").values())
+    assert len(found) == 1, f"the Ganeti versions here have different drivers: {found}"
+    return found.pop()
 
 
 @pytest.fixture(scope="module")
@@ -197,36 +266,58 @@ def e2e(ganeti_cluster: Cluster) -> Iterator[E2E]:
     """The module's state; at the end its instances are removed, Ganeti's driver is back."""
     if DRIVER not in DRIVERS:
         pytest.fail(f"GANETI_KVM_E2E_DRIVER={DRIVER!r}: use one of {', '.join(DRIVERS)}")
+    deb = built_package() if OURS else ""
     with host_ganeti.host_driver_lock():
         assert set(install.status("/").values()) == {"bundled"}, \
             "this machine's Ganeti runs ganeti-kvm already; run 'ganeti-kvm ganeti remove'"
-        yield from _module_state(ganeti_cluster)
+        assert package_status() == "not-installed", \
+            f"the package {PACKAGE} is installed on this machine; purge it first"
+        yield from _module_state(ganeti_cluster, deb)
 
 
-def _module_state(cluster: Cluster) -> Iterator[E2E]:
-    state = E2E(cluster)
+def built_package() -> str:
+    """The .deb of this tree (cached by its hash); skipped without the build tools."""
+    missing = debpkg.missing_tools()
+    if missing:
+        message = f"{', '.join(missing)} not found: run 'make setup'"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return debpkg.build()
+
+
+def _module_state(cluster: Cluster, deb: str) -> Iterator[E2E]:
+    state = E2E(cluster, deb)
     try:
         yield state
         for name in list(state.added):
             state.remove(name)
     finally:
         try:
-            if state.ours_installed:
-                state.remove_ours()
+            if state.ours_installed or package_status() != "not-installed":
+                state.cleanup_package()
         finally:
             _report(state)
     assert not state.added, f"instances left on the cluster: {state.added}"
+    assert host_ganeti.driver_digests() == state.bundled
 
 
 def _report(state: E2E) -> None:
     """Print the step times; write them to $GANETI_KVM_E2E_TIMINGS if set."""
-    report = "\n".join(f"  {step:28} {seconds:6.1f} s"
+    report = "\n".join(f"  {step:36} {seconds:6.1f} s"
                        for step, seconds in state.timings.items())
-    print(f"\nend-to-end step times, driver {DRIVER}:\n{report}")
+    version = state.cluster.version
+    print(f"\nend-to-end step times, Ganeti {version}, driver {DRIVER}:\n{report}")
     path = os.environ.get("GANETI_KVM_E2E_TIMINGS")
     if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                runs = json.load(handle).get("runs", {})
+        except (OSError, ValueError):
+            runs = {}
+        runs[version] = {"driver": DRIVER, "timings": state.timings}
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump({"driver": DRIVER, "timings": state.timings}, handle, indent=1)
+            json.dump({"runs": runs}, handle, indent=1)
 
 
 def _need_instance(e2e: E2E) -> str:
@@ -274,8 +365,7 @@ def test_switch_to_ours(e2e: E2E) -> None:
     """
     cluster = e2e.cluster
     assert not e2e.ours_installed
-    for node in cluster.nodes:
-        assert e2e.ganeti_kvm(node, "status").strip() == "Ganeti 3.0: bundled"
+    assert driver_status() == "bundled"
     stopped, migrated = SWITCH_INSTANCES
     for name in SWITCH_INSTANCES:
         e2e.add(name, NODE1)
@@ -522,3 +612,65 @@ def test_remove(e2e: E2E) -> None:
     assert not os.path.exists(os.path.join(cluster.shared_dir, name))
     left = {node: obs.instance_files(cluster, node, name) for node in cluster.nodes}
     assert left == {node: [] for node in cluster.nodes}
+
+
+# --- the package on a cluster with instances running -----------------------------------
+
+
+@pytest.mark.skipif(not OURS, reason="the package is ganeti-kvm's")
+def test_package_cycle(e2e: E2E) -> None:
+    """Install, remove, reinstall and purge the package while instances run.
+
+    The instances keep their QEMU (same PID) through every step, and the
+    driver installed at each step answers for them; the reinstalled
+    package's migrates one, Ganeti's own (after the purge) stops one and
+    migrates the other back.  The purge leaves nothing of the package.
+    """
+    cluster = e2e.cluster
+    if e2e.ours_installed:  # an earlier step failed to switch back
+        e2e.remove_ours()
+    assert driver_status() == "bundled"
+    assert package_status() in ("not-installed", "config-files")  # after -r, it has a postrm
+    stopped, migrated = CYCLE_INSTANCES
+    for name in CYCLE_INSTANCES:
+        e2e.add(name, NODE1)
+    qemus = {name: e2e.check_running(name, NODE1) for name in CYCLE_INSTANCES}
+
+    def still_running(driver: str) -> None:
+        assert driver_status() == driver
+        for name, qemu in qemus.items():
+            assert obs.assert_runs_only_on(cluster, name, qemu.node) == qemu, name
+            assert obs.qmp_status(cluster, qemu.node, name) == obs.RUNNING
+            assert e2e.fields(name, "pnode", "status", "oper_state", "oper_ram") == {
+                "pnode": e2e.fqdn(qemu.node), "status": "running", "oper_state": "Y",
+                "oper_ram": str(MEMORY_MIB)}, name
+
+    e2e.install_ours("cycle: install")
+    still_running("ganeti-kvm")
+    e2e.remove_ours("cycle: remove")
+    still_running("bundled")
+    assert package_status() == "config-files"
+    e2e.install_ours("cycle: reinstall")
+    still_running("ganeti-kvm")
+    e2e.gnt("gnt-instance", "migrate", "-f", "-n", e2e.fqdn(NODE2), migrated,
+            step="cycle: migrate (ours)")
+    qemus[migrated] = e2e.check_running(migrated, NODE2)
+    e2e.remove_ours("cycle: purge", purge=True)
+    still_running("bundled")
+    assert package_status() == "not-installed"
+    assert not os.path.exists("/usr/bin/ganeti-kvm")
+    assert PACKAGE not in subprocess.run(["dpkg-divert", "--list"], capture_output=True,
+                                         text=True, check=True).stdout
+
+    e2e.gnt("gnt-instance", "shutdown", f"--timeout={STOP_TIMEOUT}", stopped,
+            step="cycle: stop (bundled)")
+    obs.assert_runs_nowhere(cluster, stopped)
+    counter = obs.guest_counter(cluster, NODE2, migrated)
+    e2e.gnt("gnt-instance", "migrate", "-f", "-n", e2e.fqdn(NODE1), migrated,
+            step="cycle: migrate (bundled)")
+    obs.assert_runs_only_on(cluster, migrated, NODE1)
+    assert obs.guest_counter(cluster, NODE1, migrated) > counter
+    for name in CYCLE_INSTANCES:
+        e2e.remove(name)
+        obs.assert_runs_nowhere(cluster, name)
+    assert not set(CYCLE_INSTANCES) & set(e2e.listed())
