@@ -21,8 +21,38 @@ migration is cancelled and the source keeps running: no instance is ever
 lost or left running twice.  A QEMU the 2011 driver started has only a
 human monitor; the same steps then run over it, polled.
 
-The target side is :func:`accept` (start QEMU waiting with ``-incoming``) and
-:func:`finalize` (configure NICs and continue, or stop and clean up).
+The target side is :func:`accept` (start QEMU waiting with ``-incoming``,
+with the capabilities of ``migration_caps`` set) and :func:`finalize`
+(configure NICs and continue, or stop and clean up).
+
+Convergence.  A guest that dirties its memory faster than the link carries
+it never finishes a pre-copy migration.  QEMU refuses to change a
+capability once a migration runs (7.2 and 10.0: "There's a migration
+process in progress") but takes new parameters, so :func:`start` enables
+``auto-converge`` from the start with a throttle held at
+:data:`THROTTLE_HOLD` percent, and :func:`escalate` decides, after each of
+QEMU's dirty-bitmap syncs (a pass over the RAM), whether the guest still
+outruns the link (``dirty-pages-rate`` against ``mbps``).  If it does,
+the library
+takes the next step of :data:`THROTTLE_STEPS` (QEMU throttles the vCPUs up
+to that percentage at its next trigger), and, when the instance's
+``migration_caps`` has ``postcopy-ram`` (enabled on both ends before the
+start), switches to post-copy after the first throttle step did not
+suffice.  Each step is logged and reported in :class:`MigrationStatus`
+(``step``).  The time limit and its cancellation stay the last resort.
+A guest under TCG on a QEMU that corrupts guests it throttles (7.2, see
+:attr:`~ganeti_kvm.qemu.caps.QemuCaps.throttles_tcg_guests_safely`) is never
+throttled: auto-converge stays off and post-copy, where allowed, comes first.
+
+Post-copy failures.  Once post-copy started the guest runs on the target
+and pages it has not received yet exist only on the source: neither side
+alone has the guest.  So a migration in a ``postcopy-*`` state is never
+cancelled, the source is never resumed and the target is never stopped by
+this library; a failure is reported, naming QEMU's recovery: if the link
+broke, both QEMUs wait in ``postcopy-paused``, and ``migrate-recover`` on
+the target followed by ``migrate`` with ``resume: true`` on the source
+continues the migration.  Only if one of the two QEMUs is gone is the
+guest lost (start it again from its disks).
 """
 
 from __future__ import annotations
@@ -31,6 +61,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import select
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +71,7 @@ from typing import Any, Protocol
 
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
-from ganeti_kvm.core import runtime
+from ganeti_kvm.core import params, pinning, runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.host import fsutil, process
 from ganeti_kvm.host.paths import InstancePaths
@@ -58,6 +91,18 @@ STATE_VERSION = 1
 # QEMU's states of a migration that is still going on.
 ONGOING = ("setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug",
            "postcopy-active", "postcopy-paused", "postcopy-recover")
+POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+
+# Convergence (see the module's docstring).  The throttle QEMU may apply
+# before the library decides anything, and the maxima of the later steps.
+THROTTLE_INITIAL = 20
+THROTTLE_INCREMENT = 10
+THROTTLE_HOLD = 20
+THROTTLE_STEPS = (50, 80, 99)
+# The guest outruns the link when it dirties more than this share of what
+# the link carries: each pass then shrinks by less than half.
+OUTRUN_SHARE = 0.5
+STEP_PRECOPY, STEP_THROTTLE, STEP_POSTCOPY = "precopy", "throttle", "postcopy"
 
 
 @dataclass(frozen=True)
@@ -72,6 +117,16 @@ class MigrationStatus:
     downtime_ms: int | None = None
     error: str | None = None
     raw: dict[str, Any] | None = None
+    # Convergence figures: bytes the guest dirties per second, the link's
+    # bytes per second, QEMU's passes over the RAM so far, the downtime QEMU
+    # expects, the vCPU throttle it applies (percent), and the library's
+    # escalation step (a STEP_* name with the throttle maximum, or None).
+    dirty_rate: int = 0
+    link_rate: int = 0
+    dirty_syncs: int = 0
+    expected_downtime_ms: int | None = None
+    throttle_percent: int = 0
+    step: str | None = None
 
     @classmethod
     def from_query(cls, reply: dict[str, Any]) -> MigrationStatus:
@@ -82,13 +137,23 @@ class MigrationStatus:
                    total=int(ram.get("total", 0)),
                    total_time_ms=reply.get("total-time"),
                    downtime_ms=reply.get("downtime"),
-                   error=reply.get("error-desc"), raw=reply)
+                   error=reply.get("error-desc"), raw=reply,
+                   dirty_rate=int(ram.get("dirty-pages-rate", 0)) * int(
+                       ram.get("page-size", 4096)),
+                   link_rate=round(float(ram.get("mbps", 0)) * 125_000),  # Mbit/s
+                   dirty_syncs=int(ram.get("dirty-sync-count", 0)),
+                   expected_downtime_ms=reply.get("expected-downtime"),
+                   throttle_percent=int(reply.get("cpu-throttle-percentage", 0)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "transferred": self.transferred,
                 "remaining": self.remaining, "total": self.total,
                 "total_time_ms": self.total_time_ms, "downtime_ms": self.downtime_ms,
-                "error": self.error, "qemu": self.raw or {}}
+                "error": self.error, "dirty_rate": self.dirty_rate,
+                "link_rate": self.link_rate, "dirty_syncs": self.dirty_syncs,
+                "expected_downtime_ms": self.expected_downtime_ms,
+                "throttle_percent": self.throttle_percent, "step": self.step,
+                "qemu": self.raw or {}}
 
 
 def time_limit(memory_mib: int, bandwidth_mib_s: int, factor: float = 3.0) -> float:
@@ -138,6 +203,19 @@ class MigrationState:
     last_transferred: int = -1  # the progress mark: bytes sent when last seen moving
     last_moved: float = 0.0
     verdict: str | None = None  # why the library cancelled it, once it did
+    # Convergence: whether the library escalates (auto-converge was set at
+    # the start), whether post-copy may be used (postcopy-ram on both ends),
+    # the downtime limit (ms), the current step, the throttle maximum it
+    # allows, and QEMU's sync count at its last decision.
+    converge: bool = False
+    postcopy_allowed: bool = False
+    # Whether the vCPUs may be throttled (auto-converge): not for a TCG guest
+    # on a QEMU that corrupts those (QemuCaps.throttles_tcg_guests_safely).
+    throttle: bool = True
+    downtime_limit: int = 30
+    step: str = STEP_PRECOPY
+    throttle_max: int = THROTTLE_HOLD
+    last_sync: int = 0
     # When the mark was last saved (not saved itself): saving is throttled.
     saved_moved: float = dataclasses.field(default=0.0, compare=False, repr=False)
 
@@ -161,10 +239,14 @@ class MigrationState:
             raise errors.RuntimeStateError(
                 f"The migration state {where} is incomplete: {err}") from None
         numbers = (state.started, state.deadline, state.limit, state.stall_timeout,
-                   state.started_wall, state.last_transferred, state.last_moved)
+                   state.started_wall, state.last_transferred, state.last_moved,
+                   state.downtime_limit, state.throttle_max, state.last_sync)
+        flags = (state.live, state.paused_by_us, state.converge, state.postcopy_allowed,
+                 state.throttle)
         if not isinstance(state.target, str) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) \
-                or not all(isinstance(v, bool) for v in (state.live, state.paused_by_us)) \
+                or not all(isinstance(v, bool) for v in flags) \
+                or state.step not in (STEP_PRECOPY, STEP_THROTTLE, STEP_POSTCOPY) \
                 or not isinstance(state.verdict, (str, type(None))):
             raise errors.RuntimeStateError(f"The migration state {where} has bad values")
         return dataclasses.replace(state, saved_moved=state.last_moved)
@@ -223,6 +305,98 @@ def judge(status: MigrationStatus, state: MigrationState,
     return state, None
 
 
+@dataclass(frozen=True)
+class Escalation:
+    """A step the library takes against a migration that does not converge.
+
+    Either QEMU parameters to set (``parameters``: a higher throttle) or
+    the switch to post-copy (``postcopy``); ``reason`` gives the figures.
+    """
+
+    step: str
+    reason: str
+    parameters: dict[str, int] | None = None
+    postcopy: bool = False
+
+
+def step_name(state: MigrationState) -> str:
+    """The escalation step of ``state`` for people: ``precopy``, ``throttle 50%``, ``postcopy``."""
+    if state.step == STEP_THROTTLE:
+        return f"{STEP_THROTTLE} {state.throttle_max}%"
+    return state.step
+
+
+def outruns(status: MigrationStatus) -> bool:
+    """Whether the guest dirties its RAM too fast for the migration to converge.
+
+    True when it dirties more than :data:`OUTRUN_SHARE` of what the link
+    carries in the same time.  QEMU's ``expected-downtime`` is not used: at
+    a new sync it still holds the limit or the last pass's figure.  Without
+    a measured link rate (QEMU reports 0 at first) nothing is known.
+    """
+    return status.link_rate > 0 and status.dirty_rate > OUTRUN_SHARE * status.link_rate
+
+
+def escalate(status: MigrationStatus,
+             state: MigrationState) -> tuple[MigrationState, Escalation | None]:
+    """The library's decision after QEMU's latest pass over the RAM; pure.
+
+    Decides once per dirty-bitmap sync, from the second on (the first pass
+    says nothing about the guest's dirtying): a guest that :func:`outruns`
+    the link gets the next throttle of :data:`THROTTLE_STEPS`, or, once a
+    throttle step was taken and ``postcopy_allowed``, the switch to
+    post-copy.  Returns the updated state (with the new step, not yet
+    applied) and the escalation, or None: converging, nothing new, or
+    nothing left to try (the time limit then decides).
+    """
+    if not state.converge or status.status != "active" or state.step == STEP_POSTCOPY \
+            or status.dirty_syncs < 2 or status.dirty_syncs <= state.last_sync:
+        return state, None
+    state = dataclasses.replace(state, last_sync=status.dirty_syncs)
+    if not outruns(status):
+        return state, None
+    figures = (f"after pass {status.dirty_syncs} the guest dirties "
+               f"{status.dirty_rate / 2**20:.1f} MiB/s, the link carries "
+               f"{status.link_rate / 2**20:.1f} MiB/s, QEMU expects "
+               f"{status.expected_downtime_ms} ms of downtime (limit "
+               f"{state.downtime_limit} ms), throttle {status.throttle_percent}%")
+    higher = [level for level in THROTTLE_STEPS if level > state.throttle_max] \
+        if state.throttle else []
+    if state.postcopy_allowed and (state.step == STEP_THROTTLE or not higher):
+        return (dataclasses.replace(state, step=STEP_POSTCOPY),
+                Escalation(STEP_POSTCOPY, figures, postcopy=True))
+    if not higher:
+        return state, None
+    level = higher[0]
+    increment = max(1, min(100, level - status.throttle_percent))
+    parameters = {"cpu-throttle-initial": level, "cpu-throttle-increment": increment,
+                  "max-cpu-throttle": level}
+    return (dataclasses.replace(state, step=STEP_THROTTLE, throttle_max=level),
+            Escalation(STEP_THROTTLE, figures, parameters=parameters))
+
+
+def postcopy_started(status: MigrationStatus, state: MigrationState | None) -> bool:
+    """Whether the guest may already run on the target: post-copy began.
+
+    Then neither QEMU alone has the guest, and the source must not resume.
+    """
+    if status.status == "completed":
+        return False
+    return status.status in POSTCOPY_STATES or (
+        state is not None and state.step == STEP_POSTCOPY)
+
+
+def postcopy_failure(name: str, status: MigrationStatus) -> str:
+    """What happened to a post-copy migration that did not complete, and what to do."""
+    return (f"the post-copy migration of instance {name} is {status.status}"
+            f"{': ' + status.error if status.error else ''}. The guest runs on the target "
+            "and part of its RAM is still only on the source, so neither QEMU was stopped, "
+            "cancelled or resumed. If the link broke, both wait in postcopy-paused: run "
+            "migrate-recover (uri tcp:ADDRESS:PORT) on the target's QMP, then migrate with "
+            "resume true to that address on the source's; only if one of the two QEMUs is "
+            "gone is the guest lost (start it again from its disks)")
+
+
 def _save_interval(state: MigrationState) -> float:
     """How stale the saved progress mark may get: small against the stall timeout."""
     return min(1.0, state.stall_timeout / 10.0)
@@ -231,10 +405,15 @@ def _save_interval(state: MigrationState) -> float:
 # The monitors a migration runs over: QMP, or the 2011 driver's human monitor.
 
 class _Monitor(Protocol):
+    escalates: bool  # whether the library escalates a migration over it
+
     def query(self) -> MigrationStatus: ...
     def run_state(self) -> str: ...
     def command(self, command: str) -> None: ...
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int) -> None: ...
+    def configure(self, bandwidth_mib_s: int, downtime_ms: int,
+                  caps: list[str], throttle: bool) -> None: ...
+    def uses_tcg(self) -> bool: ...
+    def set_parameters(self, parameters: dict[str, int]) -> None: ...
     def migrate(self, uri: str) -> None: ...
     def wait(self, timeout: float) -> None: ...
     def settle(self, status: MigrationStatus) -> MigrationStatus: ...
@@ -242,6 +421,8 @@ class _Monitor(Protocol):
 
 class _QmpMonitor:
     """The steps over QMP; :meth:`wait` returns early on a ``MIGRATION`` event."""
+
+    escalates = True
 
     def __init__(self, client: QmpClient, name: str) -> None:
         self.client = client
@@ -256,11 +437,32 @@ class _QmpMonitor:
     def command(self, command: str) -> None:
         self.client.execute(command)
 
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int) -> None:
-        self.client.execute("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "events", "state": True}]})
+    def configure(self, bandwidth_mib_s: int, downtime_ms: int, caps: list[str],
+                  throttle: bool) -> None:
+        """Capabilities and parameters, in one command each.
+
+        With ``throttle``, ``auto-converge`` is on (it cannot be enabled
+        later), with the throttle held at :data:`THROTTLE_HOLD` percent until
+        :func:`escalate` raises it; the capabilities of ``caps`` (the
+        operator's ``migration_caps``) are set as they are.
+        """
+        own = ["events", c.MIGRATION_CAP_AUTO_CONVERGE] if throttle else ["events"]
+        names = own + [cap for cap in caps if cap not in own]
+        self.client.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": cap, "state": True} for cap in names]})
+        # Post-copy has its own bandwidth limit (0: none): the same one.
+        bandwidth = bandwidth_mib_s * 1024 * 1024
         self.client.execute("migrate-set-parameters", {
-            "max-bandwidth": bandwidth_mib_s * 1024 * 1024, "downtime-limit": downtime_ms})
+            "max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth,
+            "downtime-limit": downtime_ms, "cpu-throttle-initial": THROTTLE_INITIAL,
+            "cpu-throttle-increment": THROTTLE_INCREMENT, "max-cpu-throttle": THROTTLE_HOLD})
+
+    def uses_tcg(self) -> bool:
+        """Whether the guest runs under TCG (QMP ``query-kvm``: KVM not enabled)."""
+        return not self.client.execute("query-kvm").get("enabled")
+
+    def set_parameters(self, parameters: dict[str, int]) -> None:
+        self.client.execute("migrate-set-parameters", dict(parameters))
 
     def migrate(self, uri: str) -> None:
         self.client.execute("migrate", {"uri": uri})
@@ -279,13 +481,15 @@ class _QmpMonitor:
         deadline = time.monotonic() + 0.5
         while status.status == "completed" and not status.total_time_ms \
                 and time.monotonic() < deadline:
-            time.sleep(0.005)
-            status = self.query()
+            time.sleep(0.001)  # QEMU's migration thread fills them in at once
+            status = dataclasses.replace(self.query(), step=status.step)
         return status
 
 
 class _HmpMonitor:
     """The steps over a human monitor: no events, so :meth:`wait` sleeps."""
+
+    escalates = False
 
     def __init__(self, client: HmpClient, name: str) -> None:
         self.client = client
@@ -306,9 +510,20 @@ class _HmpMonitor:
     def command(self, command: str) -> None:
         self._run(command)
 
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int) -> None:
+    def uses_tcg(self) -> bool:
+        return False  # not asked: the library does not escalate over a human monitor
+
+    def configure(self, bandwidth_mib_s: int, downtime_ms: int, caps: list[str],
+                  throttle: bool) -> None:
+        """Bandwidth, downtime and ``caps`` (the library does not escalate here)."""
+        for cap in caps:
+            self._run(f"migrate_set_capability {cap} on")
         self._run(f"migrate_set_parameter max-bandwidth {bandwidth_mib_s * 1024 * 1024}")
         self._run(f"migrate_set_parameter downtime-limit {downtime_ms}")
+
+    def set_parameters(self, parameters: dict[str, int]) -> None:
+        for key, value in parameters.items():
+            self._run(f"migrate_set_parameter {key} {int(value)}")
 
     def migrate(self, uri: str) -> None:
         self._run(f"migrate -d {uri}")
@@ -357,6 +572,31 @@ def _check_bounds(name: str, limit: float | None, stall_timeout: float) -> None:
                 f"seconds, not {value!r}; nothing was started")
 
 
+def migration_caps(record: runtime.RuntimeRecord) -> list[str]:
+    """The QEMU capabilities the instance's ``migration_caps`` names (checked at its start)."""
+    value = record.hvparams.get(c.HV_KVM_MIGRATION_CAPS) or ""
+    return params.parse_migration_caps(value) if isinstance(value, str) else []
+
+
+def _throttle_is_safe(node: KvmNode, mon: _Monitor, name: str,
+                      record: runtime.RuntimeRecord) -> bool:
+    """Whether the library may throttle the guest's vCPUs to make its migration converge.
+
+    Not for a guest under TCG on a QEMU that corrupts such guests
+    (:attr:`QemuCaps.throttles_tcg_guests_safely`): convergence then has only
+    post-copy, where ``migration_caps`` allows it, and the time limit.
+    """
+    if not mon.escalates or not mon.uses_tcg():
+        return True
+    kvm_path = record.hvparams.get(c.HV_KVM_PATH)
+    if not isinstance(kvm_path, str) or node.caps(kvm_path).throttles_tcg_guests_safely:
+        return True
+    log.warning("Instance %s runs under TCG on %s, which corrupts guests whose vCPUs it "
+                "throttles: its migration will not be throttled (post-copy only, if "
+                "migration_caps has postcopy-ram)", name, kvm_path)
+    return False
+
+
 def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target: str,
            live: bool, limit: float | None, stall_timeout: float) -> MigrationState:
     """Configure and start the migration; save and return its state."""
@@ -371,6 +611,8 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
     bandwidth = int(hvp.get(c.HV_MIGRATION_BANDWIDTH, 32))
     downtime = int(hvp.get(c.HV_MIGRATION_DOWNTIME, 30))
     port = int(hvp.get(c.HV_MIGRATION_PORT, 8102))
+    caps = migration_caps(record)
+    throttle = _throttle_is_safe(node, mon, name, record)
     if limit is None:
         limit = time_limit(int(record.beparams.get(c.BE_MEMORY, 128)), bandwidth)
     uri = f"tcp:{_uri_host(target)}:{port}"
@@ -386,10 +628,14 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
     now = time.monotonic()
     state = MigrationState(target=target, live=live, paused_by_us=paused_by_us, started=now,
                            deadline=now + limit, limit=limit, stall_timeout=stall_timeout,
-                           started_wall=time.time(), last_moved=now)
+                           started_wall=time.time(), last_moved=now,
+                           converge=mon.escalates and live,
+                           postcopy_allowed=live and c.MIGRATION_CAP_POSTCOPY in caps,
+                           throttle=throttle,
+                           downtime_limit=downtime)
     try:
         state = save_state(paths, state)
-        mon.configure(bandwidth, downtime)
+        mon.configure(bandwidth, downtime, caps, state.throttle)
         log.info("Migrating instance %s to %s (%s)", name, uri, "live" if live else "non-live")
         mon.migrate(uri)
     except BaseException as err:
@@ -405,27 +651,86 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
 
 def _check(mon: _Monitor, name: str, paths: InstancePaths, state: MigrationState | None,
            now: float | None = None) -> tuple[MigrationStatus, MigrationState | None]:
-    """QEMU's report, after enforcing the limits of ``state``; and the updated state."""
+    """QEMU's report, after enforcing the limits of ``state``; and the updated state.
+
+    A migration that does not converge is escalated (:func:`escalate`);
+    one in post-copy is never cancelled (see the module's docstring).
+    """
     status = mon.query()
+    if state is not None:
+        status = dataclasses.replace(status, step=step_name(state))
     if status.status == "completed":
         return mon.settle(status), state
     if status.status not in ONGOING:
         if status.status == "cancelled" and state is not None and state.verdict:
             status = dataclasses.replace(status, status="failed", error=state.verdict)
+        elif postcopy_started(status, state):
+            status = dataclasses.replace(status, status="failed",
+                                         error=postcopy_failure(name, status))
         return status, state
     if state is None:  # not started by this library, or its record is lost
         return status, state
-    state, reason = judge(status, state, time.monotonic() if now is None else now)
+    now = time.monotonic() if now is None else now
+    if status.status in POSTCOPY_STATES:
+        return _check_postcopy(name, status, state, now), state
+    state, reason = judge(status, state, now)
     if reason is None:
+        state = _converge(mon, name, paths, status, state)
         if state.last_moved - state.saved_moved >= _save_interval(state):
             state = _save_quietly(paths, state)
-        return status, state
+        return dataclasses.replace(status, step=step_name(state)), state
     verdict = f"the migration {reason}; ganeti-kvm cancelled it"
     log.error("Migration of instance %s to %s %s; cancelling it", name, state.target, reason)
     if not _cancel_on(mon, name):
         verdict += f", but QEMU had not stopped it after {CANCEL_TIMEOUT:.0f} s"
     state = _save_quietly(paths, dataclasses.replace(state, verdict=verdict))
     return dataclasses.replace(status, status="failed", error=verdict), state
+
+
+def _check_postcopy(name: str, status: MigrationStatus, state: MigrationState,
+                    now: float) -> MigrationStatus:
+    """A post-copy migration: never cancelled; failed once paused, or twice past its limit.
+
+    Post-copy sends every page left at the link's speed, so it ends well
+    within another time limit; past that, or paused by a broken link, it
+    is reported failed with what to do (:func:`postcopy_failure`).
+    """
+    if status.status == "postcopy-paused" or now > state.deadline + state.limit:
+        if status.status != "postcopy-paused":
+            status = dataclasses.replace(
+                status, error=f"not finished {2 * state.limit:.0f} s after its start")
+        return dataclasses.replace(status, status="failed",
+                                   error=postcopy_failure(name, status))
+    return status
+
+
+def _converge(mon: _Monitor, name: str, paths: InstancePaths, status: MigrationStatus,
+              state: MigrationState) -> MigrationState:
+    """Take the step :func:`escalate` decides, if any; returns the (saved) new state.
+
+    A step QEMU refuses is logged and not taken: the migration goes on as
+    before, and the time limit stays the last resort.
+    """
+    new, step = escalate(status, state)
+    if new.last_sync != state.last_sync:
+        log.debug("Migration of %s, pass %d: dirtying %d B/s, link %d B/s, expected downtime "
+                  "%s ms, throttle %d%%, step %s", name, status.dirty_syncs, status.dirty_rate,
+                  status.link_rate, status.expected_downtime_ms, status.throttle_percent,
+                  step_name(new))
+    if step is None:
+        return new
+    try:
+        if step.postcopy:
+            mon.command("migrate-start-postcopy")
+        elif step.parameters:
+            mon.set_parameters(step.parameters)
+    except errors.HypervisorError as err:
+        log.warning("Migration of instance %s does not converge (%s), but QEMU refused the "
+                    "step to %s: %s", name, step.reason, step_name(new), err)
+        return dataclasses.replace(state, last_sync=new.last_sync)
+    log.warning("Migration of instance %s does not converge (%s); escalating to %s",
+                name, step.reason, step_name(new))
+    return _save_quietly(paths, new)
 
 
 def _save_quietly(paths: InstancePaths, state: MigrationState) -> MigrationState:
@@ -457,13 +762,22 @@ def _cancel_on(mon: _Monitor, name: str) -> bool:
 
 
 def _abort(mon: _Monitor, name: str, paths: InstancePaths,
-           state: MigrationState | None) -> None:
+           state: MigrationState | None) -> bool:
     """After a failure: cancel, let the guest run on, drop the state; never raises.
 
     The guest continues if this library stopped it (non-live) or QEMU
-    paused it at the end of a migration the target did not take over.
+    paused it at the end of a migration the target did not take over.  Once
+    post-copy began nothing is touched and the state is kept, so that a
+    later call knows it too (:func:`postcopy_failure`); returns False then.
     """
+    keep = False
     try:
+        current = mon.query()
+        if postcopy_started(current, state):
+            keep = True
+            log.error("Not resuming instance %s here: %s", name,
+                      postcopy_failure(name, current))
+            return False
         _cancel_on(mon, name)
         run = mon.run_state()
         if run == "postmigrate" or (state is not None and state.paused_by_us
@@ -473,27 +787,50 @@ def _abort(mon: _Monitor, name: str, paths: InstancePaths,
         log.error("Could not cancel the migration of instance %s or resume it here: %s",
                   name, err)
     finally:
-        _drop_state(paths)
+        if not keep:
+            _drop_state(paths)
+    return True
 
 
-def _end_source(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths) -> None:
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """:func:`process.wait_gone`, woken by the exit itself where the kernel offers a pidfd.
+
+    Polling would see a QEMU that quits in 3 ms only at its next poll; a
+    pidfd becomes readable the moment the process has exited.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # an older kernel, or the process is gone already
+        return process.wait_gone(pid, timeout)
+    try:
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    return process.wait_gone(pid, 0.0)
+
+
+def _end_source(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths,
+                completed: bool = False) -> None:
     """After a completed migration: end the source QEMU and remove all its state here.
 
     The guest runs on the target; the files are removed only once this
     QEMU is gone, so a QEMU that survives SIGKILL keeps its pidfile and is
-    still listed here, where the operator can see it.
+    still listed here, where the operator can see it.  ``completed``: the
+    caller has just seen QEMU report the migration completed.
     """
     pid = node.running_pid(name)
     if pid is not None:
-        reported = mon.query().status
+        reported = "completed" if completed else mon.query().status
         if reported != "completed":
             raise errors.MigrationError(
                 f"Refusing to end instance {name}'s QEMU on this node: its migration is "
                 f"{reported}, not completed, so the guest may run only here. Finish the "
                 "migration as failed to let it run on")
-        with contextlib.suppress(errors.MonitorError):  # QEMU closes it as it quits
-            mon.command("quit")
-        if not process.wait_gone(pid, 10.0) and not process.terminate(pid):
+        # Its guest runs on the target and its disks were handed over when
+        # the migration completed: nothing of this QEMU is worth a graceful
+        # quit, which costs milliseconds of its own clean-up.
+        process.signal_pid(pid, signal.SIGKILL)
+        if not _wait_exit(pid, 10.0) and not process.terminate(pid):
             raise errors.MigrationError(
                 f"Instance {name} migrated, but its old QEMU process {pid} on this node "
                 "survived SIGKILL; its files are kept. Find out why the process cannot exit "
@@ -561,6 +898,8 @@ def finish_source(node: KvmNode, name: str, success: bool) -> None:
     quits and its files are removed.  Without, a migration QEMU still runs
     is cancelled and the guest continues if this library stopped it or QEMU
     paused it at the end of the migration.  The state record is removed.
+    After a post-copy began, nothing is resumed: :class:`errors.MigrationError`
+    says why and what to do (see the module's docstring).
     """
     with node.locked(name, "finish the migration") as paths:
         if node.running_pid(name) is None:
@@ -574,7 +913,10 @@ def finish_source(node: KvmNode, name: str, success: bool) -> None:
                 _end_source(node, mon, name, paths)
                 return
             state = load_state(paths)
-            _abort(mon, name, paths, state)
+            if not _abort(mon, name, paths, state):
+                raise errors.MigrationError(
+                    f"Cannot let instance {name} run on on this node: "
+                    f"{postcopy_failure(name, mon.query())}")
 
 
 def migrate(node: KvmNode, name: str, target: str, live: bool,
@@ -603,20 +945,24 @@ def migrate(node: KvmNode, name: str, target: str, live: bool,
                 if progress is not None:
                     progress(final)
         except BaseException as err:
-            _abort(mon, name, paths, state)
+            resumed = _abort(mon, name, paths, state)
             if isinstance(err, errors.HypervisorError) and not isinstance(
                     err, errors.MigrationError):
                 raise errors.MigrationError(
                     f"Migration of instance {name} to {target} failed: {err}; "
-                    "the instance keeps running on this node") from err
+                    + ("the instance keeps running on this node" if resumed else
+                       "post-copy had begun, so nothing was resumed or stopped: see the "
+                       "migration status on both nodes")) from err
             raise
         if final.status != "completed":
-            _abort(mon, name, paths, state)
+            if not _abort(mon, name, paths, state):
+                raise errors.MigrationError(
+                    f"Migration of instance {name} to {target} failed: {final.error}")
             raise errors.MigrationError(
                 f"Migration of instance {name} to {target} {final.status}: "
                 f"{final.error or 'QEMU gave no reason'}; the instance keeps running "
                 "on this node")
-        _end_source(node, mon, name, paths)
+        _end_source(node, mon, name, paths, completed=True)
         return final
 
 
@@ -649,9 +995,12 @@ def _hmp_status(output: str) -> MigrationStatus:
 def status(node: KvmNode, name: str) -> MigrationStatus:
     """The current migration state of ``name`` as QEMU reports it (``none``: none ran).
 
-    Only reads: :func:`poll` also enforces the library's limits.
+    Only reads: :func:`poll` also enforces the library's limits.  ``step``
+    is the library's escalation step while a migration it started runs.
     """
-    return MigrationStatus.from_query(node.qmp(name, "query-migrate"))
+    status = MigrationStatus.from_query(node.qmp(name, "query-migrate"))
+    state = load_state(node.paths(name))
+    return status if state is None else dataclasses.replace(status, step=step_name(state))
 
 
 # --- target side -----------------------------------------------------------------
@@ -682,6 +1031,45 @@ def accept(node: KvmNode, name: str, info: str, target: str) -> None:
         node._remove_leftovers(paths)
         node.start_from_record(record, incoming=f"tcp:{_uri_host(target)}:{port}",
                                run_ifup=False)
+        caps = migration_caps(record)
+        if caps:
+            _enable_incoming_caps(node, name, caps)
+
+
+def _enable_incoming_caps(node: KvmNode, name: str, caps: list[str]) -> None:
+    """Enable ``caps`` on the waiting target before the source connects; stop it if refused.
+
+    QEMU takes capabilities only before a migration starts, and post-copy
+    needs ``postcopy-ram`` on both ends.
+    """
+    try:
+        node.qmp(name, "migrate-set-capabilities", {"capabilities": [
+            {"capability": cap, "state": True} for cap in caps]})
+    except errors.HypervisorError as err:
+        node._stop_locked(name, node.paths(name), acpi=False, force=True, timeout=None)
+        raise errors.MigrationError(
+            f"Cannot accept instance {name} for migration: this node's QEMU refused its "
+            f"migration_caps {c.MIGRATION_CAPS_SEP.join(caps)}: {err}. Nothing runs here; "
+            "the instance keeps running on its node. Remove the capability QEMU lacks "
+            "from migration_caps") from err
+
+
+def _refuse_stopping_postcopy(node: KvmNode, name: str) -> None:
+    """Raise :class:`errors.MigrationError` if the target runs ``name`` in post-copy.
+
+    Its QEMU then holds the running guest; stopping it would lose it.
+    """
+    if node.running_pid(name) is None:
+        return
+    try:
+        incoming = MigrationStatus.from_query(node.qmp(name, "query-migrate"))
+    except errors.HypervisorError as err:
+        log.warning("Cannot ask instance %s's QEMU here about its migration: %s", name, err)
+        return
+    if incoming.status in POSTCOPY_STATES:
+        raise errors.MigrationError(
+            f"Refusing to stop instance {name} on this node after a failed migration: "
+            f"{postcopy_failure(name, incoming)}")
 
 
 def _check_machine(node: KvmNode, record: runtime.RuntimeRecord) -> None:
@@ -717,6 +1105,7 @@ def finalize(node: KvmNode, name: str, info: str, success: bool) -> None:
     """After the migration: configure NICs and continue, or stop and clean up."""
     _, source_state = _record_from_info(info, name)
     if not success:
+        _refuse_stopping_postcopy(node, name)
         node.stop(name, acpi=False, force=True)
         return
     with node.locked(name, "finalize migration") as paths:
@@ -728,6 +1117,14 @@ def finalize(node: KvmNode, name: str, info: str, success: bool) -> None:
         if record is None:
             raise errors.RuntimeStateError(f"Instance {name} has no runtime record here")
         node._configure_nics(record)
+        pid = node.running_pid(name)
+        try:  # pinned at accept already; again, now that the guest is here
+            if pid is not None:
+                pinning.apply(name, pid, record.hvparams, int(record.beparams[c.BE_VCPUS]),
+                              lambda command: node.qmp(name, command))
+        except errors.HypervisorError as err:  # never leave the arrived guest stopped
+            log.warning("Instance %s: cannot pin its vCPUs again after the migration: %s",
+                        name, err)
         runtime.save(paths.runtime_file, record)
         state = node.qmp(name, "query-status")["status"]
         # With a non-live migration the guest arrives stopped; it ran on the
