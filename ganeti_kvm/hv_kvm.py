@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -222,21 +221,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
 
     def Verify(self, kvm_path: str | None = None) -> str | None:
         """None if this node can run instances, else a message saying what is missing."""
-        problems = []
-        kvm_path = kvm_path or c.KVM_PATH
-        try:
-            caps = self.node.caps(kvm_path)
-            if not caps.has_option("daemonize"):
-                problems.append(f"QEMU {kvm_path} cannot -daemonize")
-        except errors.HypervisorError as err:
-            problems.append(f"QEMU is not usable: {err}")
-        socat = self.node.socat_path
-        if not (os.path.isfile(socat) and os.access(socat, os.X_OK)):
-            problems.append(f"socat not found at {socat} (needed for serial consoles)")
-        try:
-            self.node.ensure_dirs()
-        except errors.HypervisorError as err:
-            problems.append(str(err))
+        problems = self.node.problems(kvm_path or c.KVM_PATH)
         return "; ".join(problems) if problems else None
 
     @classmethod

@@ -6,11 +6,13 @@ version.  Outside CI a missing binary skips the test; with CI=true it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -139,26 +141,48 @@ def guest():  # type: ignore[no-untyped-def]
     return build_guest()
 
 
+@contextlib.contextmanager
+def node_hypervisors(cls: Any, short_dir: str, *names: str) -> Iterator[tuple[Any, ...]]:
+    """One ``cls`` per name, each with its own run directory under ``short_dir``
+    (a node on this machine); every QEMU in them is killed at the end."""
+    hypervisors = tuple(cls(run_dir=os.path.join(short_dir, name)) for name in names)
+    try:
+        yield hypervisors
+    finally:
+        for hypervisor in hypervisors:
+            kill_instances(hypervisor.node.layout.root)
+
+
 @pytest.fixture
 def hv(short_dir: str) -> Iterator[KVMHypervisor]:
     """A hypervisor with its own run directory; its QEMUs are killed at teardown."""
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
+    with node_hypervisors(KVMHypervisor, short_dir, "run") as (hypervisor,):
         yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 @pytest.fixture
 def nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
     """Two hypervisors with separate run directories: two nodes on this machine."""
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
-    try:
+    with node_hypervisors(KVMHypervisor, short_dir, "a", "b") as (source, target):
         yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
+
+
+@pytest.fixture
+def g3(short_dir: str) -> Iterator[Any]:
+    """:func:`hv` for the Ganeti 3.x contract (``ganeti_kvm.ganeti3.KVMHypervisor``)."""
+    from ganeti_kvm.ganeti3 import KVMHypervisor as Ganeti3Hypervisor
+
+    with node_hypervisors(Ganeti3Hypervisor, short_dir, "run") as (hypervisor,):
+        yield hypervisor
+
+
+@pytest.fixture
+def g3_nodes(short_dir: str) -> Iterator[tuple[Any, Any]]:
+    """:func:`nodes` for the Ganeti 3.x contract."""
+    from ganeti_kvm.ganeti3 import KVMHypervisor as Ganeti3Hypervisor
+
+    with node_hypervisors(Ganeti3Hypervisor, short_dir, "a", "b") as (source, target):
+        yield source, target
 
 
 @pytest.fixture

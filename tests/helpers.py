@@ -149,3 +149,13 @@ class BareVm:
                                       self.serial)
         assert chardev is not None
         return str(chardev["filename"])
+
+
+def g3_instance(name: str, hvparams: dict[str, Any], maxmem: int = 64, vcpus: int = 1,
+                minmem: int | None = None) -> dict[str, Any]:
+    """A Ganeti 3 instance as its RPC sends it (filled hvparams and beparams)."""
+    return {"name": name, "primary_node": "node-uuid-1", "hvparams": hvparams,
+            "beparams": {"maxmem": maxmem, "minmem": maxmem if minmem is None else minmem,
+                         "vcpus": vcpus, "auto_balance": True, "always_failover": False,
+                         "spindle_use": 1},
+            "nics": [], "disks": [], "tags": set(), "network_port": None}

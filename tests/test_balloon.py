@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,27 +21,15 @@ from ganeti_kvm.core import node as core_node
 from ganeti_kvm.core import runtime
 from ganeti_kvm.ganeti3 import KVMHypervisor, _ganeti, params
 from tests import balloonguest
-from tests.helpers import SerialReader, free_port, kill_instances
+from tests.helpers import SerialReader, free_port, g3_instance, kill_instances
 
 MIB = 1024 * 1024
 WAIT_BOUND = 90.0  # seconds the guest has at most to give back or take the memory
 _tags = itertools.count()
 
 
-@pytest.fixture
-def g3(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
-
-
 def instance(name: str, hvparams: dict[str, Any], maxmem: int) -> dict[str, Any]:
-    return {"name": name, "primary_node": "node-uuid-1", "hvparams": hvparams,
-            "beparams": {"maxmem": maxmem, "minmem": maxmem // 2, "vcpus": 1,
-                         "auto_balance": True, "always_failover": False, "spindle_use": 1},
-            "nics": [], "disks": [], "tags": set(), "network_port": None}
+    return g3_instance(name, hvparams, maxmem=maxmem, minmem=maxmem // 2)
 
 
 def guestless(qemu_bin: str) -> dict[str, Any]:

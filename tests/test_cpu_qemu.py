@@ -7,8 +7,6 @@ CPUs each vCPU thread may run on.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +14,7 @@ import pytest
 from ganeti_kvm.ganeti3 import KVMHypervisor, _ganeti
 from ganeti_kvm.host import affinity
 from ganeti_kvm.qemu import caps as qemu_caps
-from tests.helpers import free_port, kill_instances
+from tests.helpers import free_port, g3_instance
 from tests.test_ganeti3 import _poll, g3_hvparams
 
 NODE_CPUS = affinity.online_cpus()
@@ -24,30 +22,7 @@ needs_two_cpus = pytest.mark.skipif(len(NODE_CPUS) < 2, reason="needs a node wit
 
 
 def instance(name: str, hvparams: dict[str, Any], vcpus: int) -> dict[str, Any]:
-    return {"name": name, "primary_node": "node-uuid-1", "hvparams": hvparams,
-            "beparams": {"maxmem": 64, "minmem": 64, "vcpus": vcpus, "auto_balance": True,
-                         "always_failover": False, "spindle_use": 1},
-            "nics": [], "disks": [], "tags": set(), "network_port": None}
-
-
-@pytest.fixture
-def g3(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
-
-
-@pytest.fixture
-def g3_nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
-    try:
-        yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
+    return g3_instance(name, hvparams, vcpus=vcpus)
 
 
 def vcpu_threads(hv: KVMHypervisor, name: str) -> list[int]:

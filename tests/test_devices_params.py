@@ -22,9 +22,9 @@ from ganeti_kvm.host import netdev
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
 from ganeti_kvm.qemu import cmdline, devices, peripherals
-from tests.helpers import kill_instances
+from tests.helpers import g3_instance, kill_instances
 from tests.netns import netns, ns_ip, ns_read, skip_unless_netns
-from tests.test_ganeti3 import g3_hvparams, g3_instance
+from tests.test_ganeti3 import g3_hvparams
 from tests.test_qemu_caps import outputs
 
 PATHS = RunDir("/run/gk").instance("web1")
@@ -238,15 +238,6 @@ def _instance(name: str, qemu_bin: str, nics: list[dict[str, Any]] | None = None
     instance = g3_instance(name, g3_hvparams(qemu_bin, **overrides))
     instance["nics"] = nics or []
     return instance
-
-
-@pytest.fixture
-def g3(short_dir: str) -> Iterator[G3Hypervisor]:
-    hypervisor = G3Hypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 def _peripherals(hv: G3Hypervisor, name: str) -> set[str]:

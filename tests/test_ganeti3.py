@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
 from ganeti_kvm.ganeti3 import KVMHypervisor, _ganeti, migration, params
-from tests.helpers import free_port, kill_instances
+from tests.helpers import free_port, g3_instance
 
 POLL_BOUND = 120.0  # seconds a test polls a migration at most
 
@@ -28,34 +27,6 @@ def g3_hvparams(qemu_bin: str, **overrides: Any) -> dict[str, Any]:
                serial_console=False, vhost_net=False)
     hvp.update(overrides)
     return hvp
-
-
-def g3_instance(name: str, hvparams: dict[str, Any]) -> dict[str, Any]:
-    """A Ganeti 3 instance as RPC sends it (filled hvparams and beparams)."""
-    return {"name": name, "primary_node": "node-uuid-1", "hvparams": hvparams,
-            "beparams": {"maxmem": 64, "minmem": 64, "vcpus": 1, "auto_balance": True,
-                         "always_failover": False, "spindle_use": 1},
-            "nics": [], "disks": [], "tags": set(), "network_port": None}
-
-
-@pytest.fixture
-def g3(short_dir: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"))
-    try:
-        yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
-
-
-@pytest.fixture
-def g3_nodes(short_dir: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"))
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"))
-    try:
-        yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
 
 
 # --- parameters ------------------------------------------------------------------

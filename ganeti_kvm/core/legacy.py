@@ -54,7 +54,8 @@ class LegacyCaps(Protocol):
     def has_run_with_user(self) -> bool: ...
 
 
-def _option_values(argv: Sequence[str], option: str) -> list[str]:
+def option_values(argv: Sequence[str], option: str) -> list[str]:
+    """The values of every ``option`` in a QEMU command line, in order."""
     return [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == option]
 
 
@@ -84,9 +85,9 @@ def _drive_path(value: str) -> str | None:
     return path
 
 
-def _network_port(argv: Sequence[str]) -> int | None:
+def network_port(argv: Sequence[str]) -> int | None:
     """The VNC port of ``-vnc [HOST]:DISPLAY[,...]``; None for a unix socket or no VNC."""
-    for value in _option_values(argv, "-vnc"):
+    for value in option_values(argv, "-vnc"):
         target = value.split(",")[0]
         if target.startswith("unix:") or ":" not in target:
             continue
@@ -144,21 +145,21 @@ def fields_from_2011(data: list[Any], name: str, source: str) -> dict[str, Any]:
     argv = [str(a) for a in data[0]]  # the 2011 driver put -m and -smp in as numbers
     if not all(isinstance(n, dict) and isinstance(n.get("mac"), str) for n in data[1]):
         raise bad("a NIC is not a dict with a MAC address")
-    memory = _option_values(argv, "-m")
-    vcpus = _option_values(argv, "-smp")
+    memory = option_values(argv, "-m")
+    vcpus = option_values(argv, "-smp")
     if not memory or not vcpus:
         raise bad("its command line has no -m or no -smp")
     nics = [{"mac": n["mac"], "ip": n.get("ip"), "nicparams": dict(n.get("nicparams") or {}),
              devices.DEVICE_KEY: nic_device_2011(seq).to_dict()}
             for seq, n in enumerate(data[1])]
     disks = [{"path": path, "readonly": False, "uri": None}  # 2011 refused read-only disks
-             for path in map(_drive_path, _option_values(argv, "-drive")) if path]
+             for path in map(_drive_path, option_values(argv, "-drive")) if path]
     return {
         "argv": argv, "nics": nics,
         "hvparams": _hvparams(data[2], argv[0], name),
         "beparams": {c.BE_MEMORY: _whole_number(memory[-1], "-m", bad),
                      c.BE_VCPUS: _whole_number(vcpus[-1], "-smp", bad)},
-        "disks": disks, "network_port": _network_port(argv),
+        "disks": disks, "network_port": network_port(argv),
     }
 
 

@@ -128,6 +128,23 @@ class KvmNode:
             raise errors.HypervisorError(
                 f"Cannot create the run directory {self.layout.root}: {err}") from err
 
+    def problems(self, kvm_path: str) -> list[str]:
+        """What this node lacks to run instances with ``kvm_path``; empty if nothing."""
+        problems = []
+        try:
+            if not self.caps(kvm_path).has_option("daemonize"):
+                problems.append(f"QEMU {kvm_path} cannot -daemonize")
+        except errors.HypervisorError as err:
+            problems.append(f"QEMU is not usable: {err}")
+        socat = self.socat_path
+        if not (os.path.isfile(socat) and os.access(socat, os.X_OK)):
+            problems.append(f"socat not found at {socat} (needed for serial consoles)")
+        try:
+            self.ensure_dirs()
+        except errors.HypervisorError as err:
+            problems.append(str(err))
+        return problems
+
     def caps(self, kvm_path: str) -> qemu_caps.QemuCaps:
         """The capabilities of ``kvm_path``, probed once and cached on disk."""
         cmdline.check_value(c.HV_KVM_PATH, kvm_path)

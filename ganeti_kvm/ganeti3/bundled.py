@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ganeti_kvm import errors
+from ganeti_kvm.core import legacy, runtime
 from ganeti_kvm.core import names as c
-from ganeti_kvm.core import runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.ganeti3 import params
 from ganeti_kvm.host import fsutil, process
@@ -123,12 +123,8 @@ def parse(raw: bytes | str, name: str, source: str) -> BundledRuntime | None:
 # --- bundled -> ganeti-kvm --------------------------------------------------------
 
 
-def _values(argv: Sequence[str], option: str) -> list[str]:
-    return [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == option]
-
-
 def _number(argv: Sequence[str], option: str, name: str) -> int:
-    for value in reversed(_values(argv, option)):
+    for value in reversed(legacy.option_values(argv, option)):
         head = value.split(",")[0].removeprefix("cpus=").removeprefix("size=").rstrip("Mm")
         if head.isdigit() and int(head) > 0:
             return int(head)
@@ -140,7 +136,7 @@ def _number(argv: Sequence[str], option: str, name: str) -> int:
 def _nic_netdevs(argv: Sequence[str]) -> set[str]:
     """The ids of the tap ``-netdev`` of a command line."""
     ids = set()
-    for value in _values(argv, "-netdev"):
+    for value in legacy.option_values(argv, "-netdev"):
         options = dict(o.split("=", 1) for o in value.split(",") if "=" in o)
         if value.startswith(("tap,", "type=tap")) or options.get("type") == "tap":
             ids.add(options.get("id", ""))
@@ -170,17 +166,6 @@ def _strip_per_start(argv: Sequence[str]) -> list[str]:
         result.append(arg)
         index += 1
     return result
-
-
-def _vnc_port(argv: Sequence[str]) -> int | None:
-    for value in _values(argv, "-vnc"):
-        target = value.split(",")[0]
-        if target.startswith("unix:") or ":" not in target:
-            continue
-        display = target.rsplit(":", 1)[1]
-        if display.isdigit():
-            return c.VNC_BASE_PORT + int(display)
-    return None
 
 
 def _taps(paths: InstancePaths, count: int) -> list[str | None]:
@@ -217,12 +202,12 @@ def record_from_bundled(name: str, bundled: BundledRuntime, live_argv: Sequence[
     # The binary the bundled driver ran (/proc shows what it exec'd, maybe a wrapper's).
     hvparams[c.HV_KVM_PATH] = bundled.kvm_cmd[0]
     argv = [bundled.kvm_cmd[0], *_strip_per_start(live_argv)[1:]]
-    uuid = next(iter(_values(live_argv, "-uuid")), None)
+    uuid = next(iter(legacy.option_values(live_argv, "-uuid")), None)
     return runtime.RuntimeRecord(
         name=name, argv=argv, nics=nics, hvparams=hvparams,
         beparams={c.BE_MEMORY: _number(live_argv, "-m", name),
                   c.BE_VCPUS: _number(live_argv, "-smp", name)},
-        disks=disks, uuid=uuid, network_port=_vnc_port(live_argv), upgraded_from=0)
+        disks=disks, uuid=uuid, network_port=legacy.network_port(live_argv), upgraded_from=0)
 
 
 def _identities(live_argv: Sequence[str], nic_count: int, disk_count: int,
@@ -259,7 +244,8 @@ def kept_file(paths: InstancePaths) -> str:
 
 def _started_by_bundled(argv: Sequence[str], paths: InstancePaths) -> bool:
     """Whether a live command line is the bundled driver's: its QMP is a ``-qmp`` option."""
-    return any(v.split(",")[0] == f"unix:{paths.qmp_socket}" for v in _values(argv, "-qmp"))
+    return any(v.split(",")[0] == f"unix:{paths.qmp_socket}"
+               for v in legacy.option_values(argv, "-qmp"))
 
 
 def _link_long_monitor(paths: InstancePaths) -> None:

@@ -294,21 +294,7 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     @_as_ganeti_errors
     def Verify(self, hvparams: Mapping[str, Any] | None = None) -> str | None:
         """None if this node can run instances, else a message saying what is missing."""
-        problems = []
-        kvm_path = _attr(hvparams, c.HV_KVM_PATH) or c.KVM_PATH
-        try:
-            caps = self.node.caps(kvm_path)
-            if not caps.has_option("daemonize"):
-                problems.append(f"QEMU {kvm_path} cannot -daemonize")
-        except errors.HypervisorError as err:
-            problems.append(f"QEMU is not usable: {err}")
-        socat = self.node.socat_path
-        if not (os.path.isfile(socat) and os.access(socat, os.X_OK)):
-            problems.append(f"socat not found at {socat} (needed for serial consoles)")
-        try:
-            self.node.ensure_dirs()
-        except errors.HypervisorError as err:
-            problems.append(str(err))
+        problems = self.node.problems(_attr(hvparams, c.HV_KVM_PATH) or c.KVM_PATH)
         return "; ".join(problems) if problems else None
 
     @classmethod
