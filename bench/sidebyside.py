@@ -19,6 +19,7 @@ from typing import Any
 from bench.common import QEMU_72, TABLE_PEER, ms, row
 from bench.peer_client import PeerNode, wait_all
 from ganeti_kvm.core import migration
+from tests.guestimage import dirtying_command
 from tests.helpers import free_port
 
 DRIVERS = ("ours", "peer")
@@ -26,15 +27,6 @@ TARGET_CALL = "ours ≤ Ganeti 3.0"
 # The dirtying guest (issue 15): it rewrites 160 MiB of its 256 MiB in a loop,
 # migrated at 32 MiB/s with a 30 ms downtime limit.
 DIRTY_MEMORY, DIRTY_MIB, DIRTY_BANDWIDTH, DIRTY_DOWNTIME = 256, 160, 32, 30
-# Zeros would not do: QEMU sends a page of zeros as a flag, not as 4 KiB.  So a
-# 4 MiB block of text is written over the file, block by block, in a loop.
-DIRTY_COMMAND = (
-    "mkdir -p /mnt/dirty && mount -t tmpfs -o size={size}m tmpfs /mnt/dirty && "
-    "yes 0123456789abcdef | head -c 4194304 >/mnt/dirty/block && n=0 && "
-    "while :; do i=0; while [ $i -lt {blocks} ]; do dd if=/mnt/dirty/block "
-    "of=/mnt/dirty/f bs=4194304 seek=$i count=1 conv=notrunc 2>/dev/null || "
-    "{{ echo DIRTY' 'FAILED; exit 1; }}; i=$((i + 1)); done; n=$((n + 1)); echo PASS $n; "
-    "done &\n")
 
 
 TABLE_PEER.notes += [
@@ -301,7 +293,7 @@ def bench_dirty(a: PeerNode, b: PeerNode, guest: Any, limit: float | None) -> No
         for driver in DRIVERS:
             node = places[driver].source
             node("serial_send", driver=driver, name=names[driver],
-                 text=DIRTY_COMMAND.format(size=DIRTY_MIB + 16, blocks=DIRTY_MIB // 4))
+                 text=dirtying_command(DIRTY_MIB))
         # Both guests print while both ports are read (a port not read makes its
         # guest wait), so the two measurements run at the same time.
         rates = wait_all([(places[d].source, "serial_rate",

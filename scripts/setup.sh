@@ -51,10 +51,15 @@ is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
 }
 
-missing=
-for package in $PACKAGES; do
-    is_installed "$package" || missing="$missing $package"
-done
+# The packages of the arguments that are not installed, each after a space.
+missing_packages() {
+    for package in "$@"; do
+        is_installed "$package" || printf ' %s' "$package"
+    done
+}
+
+# shellcheck disable=SC2086
+missing=$(missing_packages $PACKAGES)
 if ! python3 -m pip --version >/dev/null 2>&1; then
     missing="$missing python3-pip"
 fi
@@ -86,10 +91,8 @@ fi
 # /etc/ssh/sshd_not_to_be_run (Debian's switch, obeyed by its init script and
 # systemd unit) keeps the machine's sshd off.  The nodes get their own /etc/ssh.
 GANETI_PACKAGES="ganeti ganeti-os-noop openssh-server"
-missing=
-for package in $GANETI_PACKAGES; do
-    is_installed "$package" || missing="$missing $package"
-done
+# shellcheck disable=SC2086
+missing=$(missing_packages $GANETI_PACKAGES)
 if [ -n "$missing" ]; then
     apt-cache show ganeti >/dev/null 2>&1 || apt-get update -q
     had_sshd=false
@@ -245,10 +248,8 @@ log "$("$QEMU10" --version | head -n 1) at $QEMU10"
 # tests/test_ganeti3_ganeti.py imports it under Debian's python3, which needs
 # the two libraries Ganeti's hypervisor modules import: OpenSSL and bitarray.
 GANETI_TREE_PACKAGES="python3-openssl python3-bitarray"
-missing=
-for package in $GANETI_TREE_PACKAGES; do
-    is_installed "$package" || missing="$missing $package"
-done
+# shellcheck disable=SC2086
+missing=$(missing_packages $GANETI_TREE_PACKAGES)
 if [ -n "$missing" ]; then
     log "installing$missing"
     apt-get update -q
@@ -278,10 +279,8 @@ fi
 # of tests/host_ganeti.py is held: tests that switch the machine's Ganeti
 # driver must not see a version appear under them.
 GANETI31_PACKAGES="ganeti-3.1 ganeti-haskell-3.1 ganeti-htools-3.1"
-missing=
-for package in $GANETI31_PACKAGES; do
-    is_installed "$package" || missing="$missing $package"
-done
+# shellcheck disable=SC2086
+missing=$(missing_packages $GANETI31_PACKAGES)
 if [ -n "$missing" ]; then
     codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
     suite=$codename-backports
@@ -339,10 +338,8 @@ log "test guest"
 # debhelper and dh-python (pybuild), check it with lintian, and read its
 # changelog with dpkg-dev's dpkg-parsechangelog.
 DEB_PACKAGES="debhelper dh-python python3-all python3-setuptools dpkg-dev lintian"
-missing=
-for package in $DEB_PACKAGES; do
-    is_installed "$package" || missing="$missing $package"
-done
+# shellcheck disable=SC2086
+missing=$(missing_packages $DEB_PACKAGES)
 if [ -n "$missing" ]; then
     apt-cache show debhelper >/dev/null 2>&1 || apt-get update -q
     log "installing$missing"

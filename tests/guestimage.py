@@ -410,3 +410,19 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def dirtying_command(mib: int) -> str:
+    """A line for the guest's shell that rewrites ``mib`` MiB of its RAM in a loop.
+
+    A tmpfs file is rewritten with a 4 MiB block of text, block by block,
+    printing ``PASS N`` after each pass (``DIRTY FAILED`` if a write fails).
+    Zeros would not do: QEMU sends a page of zeros as a flag, not as 4 KiB.
+    """
+    blocks = mib // 4
+    return (f"mkdir -p /mnt/dirty && mount -t tmpfs -o size={mib + 16}m tmpfs /mnt/dirty && "
+            "yes 0123456789abcdef | head -c 4194304 >/mnt/dirty/block && n=0 && "
+            f"while :; do i=0; while [ $i -lt {blocks} ]; do dd if=/mnt/dirty/block "
+            "of=/mnt/dirty/f bs=4194304 seek=$i count=1 conv=notrunc 2>/dev/null || "
+            "{ echo DIRTY' 'FAILED; exit 1; }; i=$((i + 1)); done; n=$((n + 1)); "
+            "echo PASS $n; done &\n")

@@ -23,19 +23,11 @@ from ganeti_kvm import errors
 from ganeti_kvm.core import migration
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.qemu import caps as qemu_caps
+from tests.guestimage import dirtying_command
 from tests.helpers import SerialReader, free_port, guest_hvparams, make_instance
 
 DIRTY_MEMORY, DIRTY_MIB, BANDWIDTH, DOWNTIME = 256, 160, 32, 30
 MIB = 2**20
-# Zeros would not do (QEMU sends a page of zeros as a flag), so a 4 MiB
-# block of text is written over the file, block by block, in a loop.
-DIRTY_COMMAND = (
-    "mkdir -p /mnt/dirty && mount -t tmpfs -o size={size}m tmpfs /mnt/dirty && "
-    "yes 0123456789abcdef | head -c 4194304 >/mnt/dirty/block && n=0 && "
-    "while :; do i=0; while [ $i -lt {blocks} ]; do dd if=/mnt/dirty/block "
-    "of=/mnt/dirty/f bs=4194304 seek=$i count=1 conv=notrunc 2>/dev/null || "
-    "{{ echo DIRTY' 'FAILED; exit 1; }}; i=$((i + 1)); done; n=$((n + 1)); echo PASS $n; "
-    "done &\n")
 
 
 class Drain:
@@ -77,7 +69,7 @@ def start_dirtying(hv: KVMHypervisor, inst: Any) -> SerialReader:
     hv.StartInstance(inst, [])
     serial = SerialReader(hv.node.paths(inst.name).serial_socket)
     serial.read_until(r"/ # ", timeout=180)
-    serial.send(DIRTY_COMMAND.format(size=DIRTY_MIB + 16, blocks=DIRTY_MIB // 4))
+    serial.send(dirtying_command(DIRTY_MIB))
     serial.read_until(r"PASS 2\b|DIRTY FAILED", timeout=180)
     assert "DIRTY FAILED" not in serial.text
     return serial
