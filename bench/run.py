@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     qemu_label,
     row,
 )
+from bench.peer import raw_qmp_status  # noqa: E402
 from bench.peer_client import PeerNode  # noqa: E402
 from ganeti_kvm import objects  # noqa: E402
 from ganeti_kvm.core import migration  # noqa: E402
@@ -225,7 +226,7 @@ def bench_listing(base: str, guest, n_calls: int) -> None:
                 raise RuntimeError(f"expected 1 instance, got {infos}")
             qmp_socket = hv_one.node.paths("one").qmp_socket
             cost, floor = median_times_interleaved(
-                [hv_one.GetAllInstancesInfo, functools.partial(bare_qmp_status, qmp_socket)],
+                [hv_one.GetAllInstancesInfo, functools.partial(raw_qmp_status, qmp_socket)],
                 n_calls)
             kill_instances(hv_one.node.layout.root)
         else:
@@ -241,20 +242,6 @@ def bench_listing(base: str, guest, n_calls: int) -> None:
                 f"{ms(floor)} (one raw socket: connect, both requests in one write, "
                 "three lines back; no /proc, no parsing)",
                 f"{cost / floor:.2f}x", "n/a (QEMU's floor, for reference)", None)
-
-
-def bare_qmp_status(path: str) -> None:
-    """The least one query-status can cost: QEMU's side of the exchange, nothing else."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(path)
-        sock.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
-        received = b""
-        while received.count(b"\n") < 3:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise RuntimeError(f"QMP socket {path} closed after {received!r}")
-            received += chunk
 
 
 # --- 5. console unpause ----------------------------------------------------------------

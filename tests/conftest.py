@@ -6,7 +6,6 @@ version.  Outside CI a missing binary skips the test; with CI=true it fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from ganeti_kvm.host import paths, process
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.cluster import ganeti_cluster  # noqa: F401  (the session's Ganeti cluster)
 from tests.fakeqmp import FakeQmp, Peer
-from tests.helpers import kill_instances
+from tests.helpers import node_hypervisors
 
 CACHE_DIR = os.environ.get("GANETI_KVM_CACHE", "/var/cache/ganeti-kvm")
 QEMU_BINARIES = {
@@ -139,18 +138,6 @@ def guest():  # type: ignore[no-untyped-def]
     from tests.guestimage import build_guest
 
     return build_guest()
-
-
-@contextlib.contextmanager
-def node_hypervisors(cls: Any, short_dir: str, *names: str) -> Iterator[tuple[Any, ...]]:
-    """One ``cls`` per name, each with its own run directory under ``short_dir``
-    (a node on this machine); every QEMU in them is killed at the end."""
-    hypervisors = tuple(cls(run_dir=os.path.join(short_dir, name)) for name in names)
-    try:
-        yield hypervisors
-    finally:
-        for hypervisor in hypervisors:
-            kill_instances(hypervisor.node.layout.root)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ganeti_kvm import constants as c
@@ -159,3 +161,17 @@ def g3_instance(name: str, hvparams: dict[str, Any], maxmem: int = 64, vcpus: in
                          "vcpus": vcpus, "auto_balance": True, "always_failover": False,
                          "spindle_use": 1},
             "nics": [], "disks": [], "tags": set(), "network_port": None}
+
+
+@contextlib.contextmanager
+def node_hypervisors(cls: Any, short_dir: str, *names: str,
+                     **options: Any) -> Iterator[tuple[Any, ...]]:
+    """One ``cls`` per name, each with its own run directory under ``short_dir``
+    (a node on this machine) and ``options``; every QEMU in them is killed at the end."""
+    hypervisors = tuple(cls(run_dir=os.path.join(short_dir, name), **options)
+                        for name in names)
+    try:
+        yield hypervisors
+    finally:
+        for hypervisor in hypervisors:
+            kill_instances(hypervisor.node.layout.root)

@@ -86,3 +86,17 @@ def netns(prefix: str = "gk-test") -> Iterator[str]:
         if result.returncode != 0:
             log.error("Could not delete test namespace %s: %s", name,
                       (result.stdout + result.stderr).strip())
+
+
+@contextmanager
+def bridged_netns(prefix: str, address: str | None = None) -> Iterator[str]:
+    """:func:`netns` (skipping the test where namespaces cannot be made) with a
+    bridge ``br0`` up inside, for the instances' TAP devices; ``address``
+    (``IP/PREFIX``) is given to the bridge if set."""
+    skip_unless_netns()
+    with netns(prefix) as name:
+        ns_ip(name, "link", "add", "br0", "type", "bridge")
+        if address:
+            ns_ip(name, "addr", "add", address, "dev", "br0")
+        ns_ip(name, "link", "set", "br0", "up")
+        yield name

@@ -23,8 +23,14 @@ from ganeti_kvm.hv_kvm import KVMHypervisor
 from ganeti_kvm.qemu import devices
 from tests import legacy2011
 from tests.guestimage import make_disk
-from tests.helpers import SerialReader, free_port, guest_hvparams, kill_instances, make_instance
-from tests.netns import netns, ns_ip, skip_unless_netns
+from tests.helpers import (
+    SerialReader,
+    free_port,
+    guest_hvparams,
+    make_instance,
+    node_hypervisors,
+)
+from tests.netns import bridged_netns
 
 MAC = "52:54:00:12:35:01"
 BUNDLED_STYLE = {"backend": "nic-3c5c7a6e", "id": "nic-3c5c7a6e", "driver": "virtio-net-pci",
@@ -33,22 +39,14 @@ BUNDLED_STYLE = {"backend": "nic-3c5c7a6e", "id": "nic-3c5c7a6e", "driver": "vir
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    skip_unless_netns()
-    with netns("gk-dev") as name:
-        ns_ip(name, "link", "add", "br0", "type", "bridge")
-        ns_ip(name, "link", "set", "br0", "up")
+    with bridged_netns("gk-dev") as name:
         yield name
 
 
 @pytest.fixture
 def pair(short_dir: str, ns: str) -> Iterator[tuple[KVMHypervisor, KVMHypervisor]]:
-    source = KVMHypervisor(run_dir=os.path.join(short_dir, "a"), netns=ns)
-    target = KVMHypervisor(run_dir=os.path.join(short_dir, "b"), netns=ns)
-    try:
+    with node_hypervisors(KVMHypervisor, short_dir, "a", "b", netns=ns) as (source, target):
         yield source, target
-    finally:
-        kill_instances(source.node.layout.root)
-        kill_instances(target.node.layout.root)
 
 
 def nic_device(hv: KVMHypervisor, name: str) -> str:

@@ -22,8 +22,8 @@ from ganeti_kvm.host import netdev
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
 from ganeti_kvm.qemu import cmdline, devices, peripherals
-from tests.helpers import g3_instance, kill_instances
-from tests.netns import netns, ns_ip, ns_read, skip_unless_netns
+from tests.helpers import g3_instance, node_hypervisors
+from tests.netns import bridged_netns, ns_read
 from tests.test_ganeti3 import g3_hvparams
 from tests.test_qemu_caps import outputs
 
@@ -291,20 +291,14 @@ def test_reserved_kvm_extra_is_refused_before_qemu_runs(g3, qemu_bin) -> None:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    skip_unless_netns()
-    with netns("gk-dev") as name:
-        ns_ip(name, "link", "add", "br0", "type", "bridge")
-        ns_ip(name, "link", "set", "br0", "up")
+    with bridged_netns("gk-dev") as name:
         yield name
 
 
 @pytest.fixture
 def nshv(short_dir: str, ns: str) -> Iterator[G3Hypervisor]:
-    hypervisor = G3Hypervisor(run_dir=os.path.join(short_dir, "nsrun"), netns=ns)
-    try:
+    with node_hypervisors(G3Hypervisor, short_dir, "nsrun", netns=ns) as (hypervisor,):
         yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 def _link(path: str) -> str:

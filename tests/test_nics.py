@@ -13,29 +13,28 @@ import pytest
 from ganeti_kvm import errors, objects
 from ganeti_kvm.host import netdev
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from tests.helpers import SerialReader, guest_hvparams, kill_instances, make_instance
-from tests.netns import netns, ns_ip, ns_read, ns_run, skip_unless_netns
+from tests.helpers import (
+    SerialReader,
+    guest_hvparams,
+    kill_instances,
+    make_instance,
+    node_hypervisors,
+)
+from tests.netns import bridged_netns, ns_ip, ns_read, ns_run
 
 BRIDGE_IP = "10.99.0.1"
 
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    skip_unless_netns()
-    with netns("gk-nic") as name:
-        ns_ip(name, "link", "add", "br0", "type", "bridge")
-        ns_ip(name, "addr", "add", f"{BRIDGE_IP}/24", "dev", "br0")
-        ns_ip(name, "link", "set", "br0", "up")
+    with bridged_netns("gk-nic", f"{BRIDGE_IP}/24") as name:
         yield name
 
 
 @pytest.fixture
 def hv(short_dir: str, ns: str) -> Iterator[KVMHypervisor]:
-    hypervisor = KVMHypervisor(run_dir=os.path.join(short_dir, "run"), netns=ns)
-    try:
+    with node_hypervisors(KVMHypervisor, short_dir, "run", netns=ns) as (hypervisor,):
         yield hypervisor
-    finally:
-        kill_instances(hypervisor.node.layout.root)
 
 
 def read_env(path: str) -> dict[str, str]:
