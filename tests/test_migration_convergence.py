@@ -81,15 +81,14 @@ def test_a_guest_outrunning_the_link_gets_the_throttle_steps_in_turn() -> None:
     assert state.step == migration.STEP_THROTTLE and state.last_sync == 7
 
 
-def test_post_copy_follows_the_first_throttle_step_when_allowed() -> None:
+def test_post_copy_comes_first_when_allowed() -> None:
+    """No throttle before post-copy: on QEMU 10.0 it made the switch's downtime 100 ms-5 s."""
     state = _state(postcopy_allowed=True)
     state, first = migration.escalate(_status(2, 40, 32), state)
-    assert first is not None and first.step == migration.STEP_THROTTLE
-    state, second = migration.escalate(_status(3, 40, 32, 50), state)
-    assert second is not None and second.postcopy and second.parameters is None
-    assert "40.0 MiB/s" in second.reason and "pass 3" in second.reason
+    assert first is not None and first.postcopy and first.parameters is None
+    assert "40.0 MiB/s" in first.reason and "pass 2" in first.reason
     assert migration.step_name(state) == "postcopy"
-    assert migration.escalate(_status(4, 40, 32, 50), state)[1] is None
+    assert migration.escalate(_status(3, 40, 32), state)[1] is None
 
 
 def test_without_the_throttle_post_copy_comes_first_or_nothing() -> None:
