@@ -25,7 +25,7 @@ from tests import cluster as gc
 from tests import ganeti_observe as obs
 from tests import host_ganeti
 from tests.cluster import Cluster
-from tests.test_e2e import E2E, built_package, driver_status, package_status
+from tests.e2e_state import E2E, built_package, driver_status, package_status
 
 FROM_VERSION, TO_VERSION = "3.0", "3.1"
 UPGRADE_TIMEOUT = 600.0

@@ -36,6 +36,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = debpkg.REPO
 SITE = "/usr/lib/python3/dist-packages"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(ganeti_kvm.__file__))
+PACKAGE_SOURCE = os.path.dirname(PACKAGE_DIR)  # the source tree, with debian/
 DPKG_ENV = {"PATH": debpkg.BUILD_ENV_PATH, "LC_ALL": "C.UTF-8",
             "DEBIAN_FRONTEND": "noninteractive"}
 GANETI = "/usr/share/ganeti"
@@ -441,6 +442,35 @@ def test_packaged_mode_owns_the_diversion_writes_no_pth_and_restores(root: str) 
     assert sha256(target) == before
     assert _owner(root) == ""
 
+
+
+def test_an_upgrade_restarts_the_daemon_though_nothing_is_diverted_anew(root: str) -> None:
+    """postinst on an upgrade: the running daemon must load the new library's code."""
+    run_dir = os.path.join(root, "run")
+    restarts = os.path.join(root, "restarts")
+    command = ["sh", "-c", f"echo restarted >> {restarts}"]
+
+    def count() -> int:
+        if not os.path.exists(restarts):
+            return 0
+        with open(restarts, encoding="ascii") as handle:
+            return len(handle.readlines())
+
+    install.install(root, restart=command, run_dir=run_dir, package="ganeti-kvm")
+    try:
+        assert count() == 1  # the first install switches the driver
+        again = install.install(root, restart=command, run_dir=run_dir, package="ganeti-kvm")
+        assert (again.changed, again.restart, count()) == ([], None, 1)
+        upgraded = install.install(root, restart=command, run_dir=run_dir,
+                                   package="ganeti-kvm", restart_always=True)
+        assert (upgraded.changed, upgraded.restart, count()) == ([], command, 2)
+    finally:
+        install.remove(root, restart=False, run_dir=run_dir, package="ganeti-kvm")
+    with open(os.path.join(PACKAGE_SOURCE, "debian", "ganeti-kvm.postinst"),
+              encoding="utf-8") as handle:
+        postinst = handle.read()
+    # dpkg gives configure the version it upgrades from as $2.
+    assert '[ -n "$2" ]' in postinst and "--packaged --restart-always" in postinst
 
 def test_packaged_mode_takes_a_local_install_over(root: str) -> None:
     layout = install.Layout(root)

@@ -498,13 +498,16 @@ def _versions(layout: Layout) -> list[str]:
 
 def install(root: str = "/", restart: Sequence[str] | None | bool = True,
             run_dir: str | None = None, python: str = GANETI_PYTHON,
-            package: str | None = None) -> Report:
+            package: str | None = None, restart_always: bool = False) -> Report:
     """Make ganeti-kvm the KVM driver of every Ganeti 3.x under ``root``.
 
     ``restart``: True for :func:`default_restart_command`, False (or None)
     for none, or the command to run.  ``run_dir``: where the running
     instances to adopt are (default: the node's).  ``package``: the Debian
-    package's way (see the module's docstring).
+    package's way (see the module's docstring).  The daemon is restarted
+    when a driver was switched or the node was not switched yet; with
+    ``restart_always`` also when nothing changed: after an upgrade of the
+    library, whose old code the running daemon still has loaded.
     """
     layout = Layout(os.path.abspath(root), package)
     if package:
@@ -545,7 +548,7 @@ def install(root: str = "/", restart: Sequence[str] | None | bool = True,
     if package and os.path.lexists(layout.pth):
         _remove_pth(layout, report)  # a --local install's, taken over: not needed any more
     node_run_dir = _run_dir(layout, run_dir)
-    if report.changed or not os.path.exists(marker(node_run_dir)):
+    if report.changed or restart_always or not os.path.exists(marker(node_run_dir)):
         _restart(_restart_command(layout, restart), report, bool(package))
         # Packaged: no /run/ganeti means no daemon ran since boot; creating it
         # would leave a directory behind after a purge.

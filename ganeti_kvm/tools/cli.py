@@ -529,9 +529,15 @@ def cmd_ganeti(args: argparse.Namespace) -> int:
     restart: bool | list[str] = not args.no_restart
     if args.restart_command:
         restart = shlex.split(args.restart_command)
-    action = install.install if args.action == "install" else install.remove
-    report = action(args.root, restart=restart, run_dir=args.run_dir,
-                    package=install.DEBIAN_PACKAGE if args.packaged else None)
+    package = install.DEBIAN_PACKAGE if args.packaged else None
+    if args.action == "install":
+        report = install.install(args.root, restart=restart, run_dir=args.run_dir,
+                                 package=package, restart_always=args.restart_always)
+    else:
+        if args.restart_always:
+            raise CliError("--restart-always is an option of 'ganeti-kvm ganeti install'")
+        report = install.remove(args.root, restart=restart, run_dir=args.run_dir,
+                                package=package)
     for line in report.lines():
         print(line)
     return 0
@@ -621,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "diversions owned by the package ganeti-kvm, no .pth file, the "
                           "node daemon restarted through invoke-rc.d or deb-systemd-invoke "
                           "only if it runs, and no Ganeti is not an error")
+    cmd.add_argument("--restart-always", action="store_true",
+                     help="install: restart the node daemon even when every driver is "
+                          "switched already, so that it loads this library's code (the "
+                          "package's postinst uses it on an upgrade)")
     restart = cmd.add_mutually_exclusive_group()
     restart.add_argument("--no-restart", action="store_true",
                          help="do not restart ganeti-noded (restart it yourself)")
