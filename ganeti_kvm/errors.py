@@ -82,3 +82,11 @@ class RuntimeStateError(HypervisorError):
 
 class MigrationError(HypervisorError):
     """A migration failed or was cancelled; the source instance keeps running."""
+
+
+class GuestAgentError(HypervisorError):
+    """The QEMU guest agent in an instance did not answer, or refused a command."""
+
+
+class HotplugError(HypervisorError):
+    """A device cannot be added to, removed from or changed on a running instance."""

@@ -61,10 +61,18 @@ def _tag_list(tags: Any) -> list[str]:
 
 
 def _with_later_keys(hvparams: Mapping[str, Any]) -> dict[str, Any]:
-    """2011 ``hvparams`` plus the core's Ganeti 3.x keys at their defaults (no effect)."""
+    """2011 ``hvparams`` plus the core's Ganeti 3.x keys: the 2011 driver's hardware.
+
+    The later keys take their defaults, except where Ganeti 3's default adds
+    hardware the 2011 driver never gave a guest: its SPICE display is the
+    standard VGA, without the vdagent channel.
+    """
     filled = {key: value for key, value in names.DEFAULTS.items()
               if key not in c.HVS_PARAMETERS}
     filled.update(hvparams)
+    filled[names.HV_KVM_SPICE_USE_VDAGENT] = False
+    if filled.get(names.HV_KVM_SPICE_BIND):
+        filled[names.HV_VGA] = names.HT_VGA_STD
     return filled
 
 
@@ -130,7 +138,7 @@ class KVMHypervisor(hv_base.BaseHypervisor):
     @classmethod
     def _spec(cls, instance: Any, block_devices: Any = ()) -> InstanceSpec:
         name = paths.check_instance_name(_attr(instance, "name"))
-        hvparams = params.fill(_attr(instance, "hvparams"))
+        hvparams = _with_later_keys(params.fill(_attr(instance, "hvparams")))
         beparams = dict(c.BEC_DEFAULTS)
         beparams.update(inputs.mapping(f"Instance {name}: beparams", _attr(instance, "beparams")))
         memory, vcpus = (_positive_be(name, beparams, key) for key in (c.BE_MEMORY, c.BE_VCPUS))

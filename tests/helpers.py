@@ -175,3 +175,35 @@ def node_hypervisors(cls: Any, short_dir: str, *names: str,
     finally:
         for hypervisor in hypervisors:
             kill_instances(hypervisor.node.layout.root)
+
+
+MIGRATION_BOUND = 90.0  # seconds a test's live migration has at most
+
+
+def live_migrate(source: Any, target: Any, instance: Any) -> None:
+    """A live migration between two Ganeti 3 hypervisors on this machine, finished both ends.
+
+    The calls Ganeti's master makes, in its order; the migration must
+    complete within :data:`MIGRATION_BOUND`.
+    """
+    info = source.MigrationInfo(instance)
+    target.AcceptInstance(instance, info, "127.0.0.1")
+    source.MigrateInstance("cluster1", instance, "127.0.0.1", True)
+    deadline = time.monotonic() + MIGRATION_BOUND
+    while source.GetMigrationStatus(instance).status == "active" and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert source.GetMigrationStatus(instance).status == "completed"
+    source.FinalizeMigrationSource(instance, True, True)
+    target.FinalizeMigrationDst(instance, info, True)
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes from ``sock``; the peer closing early fails the test."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError(f"connection closed after {data!r}, wanted {size} bytes")
+        data += chunk
+    return data

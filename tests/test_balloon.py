@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from ganeti_kvm import errors
+from ganeti_kvm.core import hardware, runtime
 from ganeti_kvm.core import node as core_node
-from ganeti_kvm.core import runtime
 from ganeti_kvm.ganeti3 import KVMHypervisor, _ganeti, params
 from tests import balloonguest
-from tests.helpers import SerialReader, free_port, g3_instance, kill_instances
+from tests.helpers import SerialReader, free_port, g3_instance, kill_instances, live_migrate
 
 MIB = 1024 * 1024
 WAIT_BOUND = 90.0  # seconds the guest has at most to give back or take the memory
@@ -93,7 +93,7 @@ def test_an_instance_started_without_a_balloon(
     try:
         inst = instance("bl4", dict(guestless(qemu_bin), migration_port=free_port()), 64)
         with monkeypatch.context() as patch:
-            patch.setattr(core_node, "_assign_balloon", lambda *args: None)
+            patch.setattr(hardware, "assign_balloon", lambda *args: None)
             source.StartInstance(inst, [], False)
         record = source.node.load_record("bl4")
         assert record is not None and record.balloon is None
@@ -123,15 +123,7 @@ def balloon_slot(g3: KVMHypervisor, name: str) -> int:
 
 
 def migrate(source: KVMHypervisor, target: KVMHypervisor, inst: dict[str, Any]) -> None:
-    info = source.MigrationInfo(inst)
-    target.AcceptInstance(inst, info, "127.0.0.1")
-    source.MigrateInstance("cluster1", inst, "127.0.0.1", True)
-    deadline = time.monotonic() + WAIT_BOUND
-    while source.GetMigrationStatus(inst).status == "active" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert source.GetMigrationStatus(inst).status == "completed"
-    source.FinalizeMigrationSource(inst, True, True)
-    target.FinalizeMigrationDst(inst, info, True)
+    live_migrate(source, target, inst)
     assert source.ListInstances() == [] and target.ListInstances() == [inst["name"]]
 
 
@@ -160,19 +152,19 @@ def test_the_balloon_comes_after_the_nics_and_disks() -> None:
             disks=[{"path": f"/dev/vg/d{i}"} for i in range(disks)],
             nics=[{"mac": "aa:00:00:00:00:01"}])
     record = new_record(2)
-    core_node.assign_devices(record)
+    hardware.assign_devices(record)
     assert [d["device"]["addr"] for d in record.disks] == ["0xc", "0xd"]  # as before
     assert record.nics[0]["device"]["addr"] == "0xe"
     assert record.balloon is not None and record.balloon["addr"] == "0x1f"
     full = new_record(19)  # 20 PCI devices fill slots 12-31: they keep them, no balloon
-    core_node.assign_devices(full)
+    hardware.assign_devices(full)
     assert full.nics[0]["device"]["addr"] == "0x1f" and full.balloon is None
 
 
 def test_the_balloon_slot_avoids_held_slots() -> None:
     record = runtime.RuntimeRecord(name="x", argv=["kvm"])
     held = core_node.devices.DeviceId(backend="disk0", bus="pci.0", addr="0x1f")
-    core_node._assign_balloon(record, [held, None])
+    hardware.assign_balloon(record, [held, None])
     assert record.balloon is not None and record.balloon["addr"] == "0x1e"
     assert record.balloon["id"] == "balloon0"
 

@@ -15,7 +15,7 @@ from ganeti_kvm import constants, errors, hv_kvm
 from ganeti_kvm.core import names as c
 from ganeti_kvm.core import params as core_params
 from ganeti_kvm.core import pinning, runtime
-from ganeti_kvm.core.node import pin_machine
+from ganeti_kvm.core.hardware import pin_machine
 from ganeti_kvm.ganeti3 import params as g3_params
 from ganeti_kvm.host import affinity
 from ganeti_kvm.host.paths import RunDir

@@ -15,8 +15,7 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import node as lifecycle
-from ganeti_kvm.core import runtime
+from ganeti_kvm.core import hardware, runtime
 from ganeti_kvm.ganeti3 import bundled, params
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.qemu import cmdline, devices
@@ -58,7 +57,7 @@ def disk(path: str) -> dict[str, Any]:
 
 def test_golden_new_instance_gets_ganeti_like_slots_disks_first() -> None:
     rec = record([{"mac": MAC0}, {"mac": MAC1}], [disk("/dev/vg/d0"), disk("/dev/vg/d1")])
-    lifecycle.assign_devices(rec)
+    hardware.assign_devices(rec)
     disk_devices, nics = device_argv(rec)
     assert disk_devices == ["virtio-blk-pci,drive=disk0,id=disk0-dev,bus=pci.0,addr=0xc",
                             "virtio-blk-pci,drive=disk1,id=disk1-dev,bus=pci.0,addr=0xd"]
@@ -75,7 +74,7 @@ def test_golden_new_instance_gets_ganeti_like_slots_disks_first() -> None:
 def test_golden_network_boot_keeps_the_option_rom_and_ide_disks_stay_on_their_bus() -> None:
     rec = record([{"mac": MAC0}], [disk("/dev/vg/d0")], disk_type="ide",
                  boot_order="network", kernel_path="", nic_type="e1000")
-    lifecycle.assign_devices(rec)
+    hardware.assign_devices(rec)
     disk_devices, nics = device_argv(rec)
     assert disk_devices == ["ide-hd,drive=disk0,id=disk0-dev,bus=ide.0,unit=0"]
     assert nics[3] == f"e1000,netdev=net0,id=nic0,mac={MAC0},bus=pci.0,addr=0xc"
@@ -86,7 +85,7 @@ def test_golden_record_with_identities_is_started_as_it_says() -> None:
                  [dict(disk("/dev/vg/d0"), device={
                      "backend": "disk-1", "id": "disk-1", "driver": "virtio-blk-pci",
                      "bus": "pci.0", "addr": "0xc", "romfile": None, "props": []})])
-    lifecycle.assign_devices(rec)  # a reboot: nothing changes
+    hardware.assign_devices(rec)  # a reboot: nothing changes
     assert rec.nics[0]["device"] == BUNDLED_NIC
     disk_devices, nics = device_argv(rec)
     assert disk_devices == ["virtio-blk-pci,drive=disk-1,id=disk-1,bus=pci.0,addr=0xc"]
@@ -192,5 +191,5 @@ def test_a_bundled_nic_or_disk_this_library_cannot_spell_is_named_by_position() 
 
 def test_an_isa_nic_gets_neither_a_slot_nor_a_rom_setting() -> None:
     rec = record([{"mac": MAC0}], [], nic_type="ne2k_isa")
-    lifecycle.assign_devices(rec)
+    hardware.assign_devices(rec)
     assert device_argv(rec)[1][3] == f"ne2k_isa,netdev=net0,id=nic0,mac={MAC0}"

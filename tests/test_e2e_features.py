@@ -12,7 +12,9 @@ per Ganeti version.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -62,12 +64,29 @@ def in_guest(e2e: E2E, node: str, name: str, command: str,
     """
     reader = SerialReader(obs.ctrl_path(e2e.cluster, node, name, "serial"))
     try:
-        reader.send(f"\necho BEGIN-$((40+2)); {command}; echo END-$((40+2))\n")
+        _wait_for_prompt(reader, timeout)
+        reader.send(f"echo BEGIN-$((40+2)); {command}; echo END-$((40+2))\n")
         match = reader.read_until(r"BEGIN-42\n(?s:(.*?))END-42\n", timeout)
     finally:
         reader.close()
     return "\n".join(line for line in match.group(1).splitlines()
                      if not re.fullmatch(r"COUNTER \d+", line.strip()))
+
+
+def _wait_for_prompt(reader: SerialReader, timeout: float) -> None:
+    """Press Enter until the guest's shell prompts (it may not run yet just after a boot)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = len(reader.text)
+        reader.send("\n")
+        try:
+            reader.read_until(r"/ # ", 2.0)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            continue
+        if "/ # " in reader.text[seen:]:
+            return
 
 
 def vcpu_affinities(e2e: E2E, node: str, name: str) -> list[str]:
@@ -108,6 +127,16 @@ def _need_instance(e2e: E2E) -> str:
     if INSTANCE not in e2e.added:
         pytest.skip(f"instance {INSTANCE} was not added (see test_add)")
     return INSTANCE
+
+
+def _hotplug(e2e: E2E) -> list[str]:
+    """``modify``'s option for a change by hotplug: Ganeti 3.1 hotplugs by default."""
+    return [] if e2e.cluster.version == "3.1" else ["--hotplug"]
+
+
+def _unchecked_rename(e2e: E2E) -> list[str]:
+    """``rename``'s options for a name no DNS knows: Ganeti 3.1 checks none by default."""
+    return [] if e2e.cluster.version == "3.1" else ["-f", "--no-ip-check", "--no-name-check"]
 
 
 def _restart(e2e: E2E, name: str, step: str) -> obs.Qemu:
@@ -189,6 +218,116 @@ def test_pinning_kept_over_migration_and_reboot(e2e: E2E) -> None:
     assert vcpu_affinities(e2e, NODE2, name) == ["1", "0"]
 
 
+def pci_ids(e2e: E2E, node: str, name: str) -> dict[str, int]:
+    """The slot of each PCI device QEMU knows by id (``query-pci``)."""
+    devices = qmp(e2e, node, name, "query-pci")[0]["devices"]
+    return {d["qdev_id"]: d["slot"] for d in devices if d.get("qdev_id")}
+
+
+def guest_devices(e2e: E2E, node: str, name: str) -> list[str]:
+    """The guest's NICs (``/sys/class/net``) and virtio disks (``/dev/vd?``), sorted."""
+    text = in_guest(e2e, node, name, "ls /sys/class/net /dev | grep -E '^(eth[0-9]+|vd[a-z])$'")
+    return sorted(text.split())
+
+
+def test_hotplug_kept_over_migration_and_reboots_then_removed(e2e: E2E) -> None:
+    """``modify --hotplug --net add / --disk add``: the guest sees each device appear.
+
+    QEMU on the migration target has them at the same slots, and so has the
+    QEMU of a soft reboot (from the runtime record); a hard reboot starts
+    them from Ganeti's configuration.  The guest still sees them and goes
+    on.  ``--net 1:remove`` / ``--disk 1:remove`` take them away again.
+    """
+    name = _need_instance(e2e)
+    e2e.ensure_running(name, NODE1)
+    before_ids = pci_ids(e2e, NODE1, name)
+    before_guest = guest_devices(e2e, NODE1, name)
+    assert "vdb" not in before_guest and "eth1" not in before_guest, before_guest
+    e2e.gnt("gnt-instance", "modify", *_hotplug(e2e), "--net", "add", name,
+            step="hotplug: nic add")
+    e2e.gnt("gnt-instance", "modify", *_hotplug(e2e), "--disk", "add:size=1G", name,
+            step="hotplug: disk add")
+    added = pci_ids(e2e, NODE1, name)
+    new = {dev: slot for dev, slot in added.items() if dev not in before_ids}
+    assert len(new) == 2, (before_ids, added)
+    wanted = sorted([*before_guest, "eth1", "vdb"])
+    wait_for("the guest sees eth1 and vdb",
+             lambda: guest_devices(e2e, NODE1, name) == wanted)
+
+    counter = obs.guest_counter(e2e.cluster, NODE1, name)
+    e2e.gnt("gnt-instance", "migrate", "-f", "-n", e2e.fqdn(NODE2), name,
+            step="hotplug: migrate")
+    e2e.check_running(name, NODE2)
+    assert obs.guest_counter(e2e.cluster, NODE2, name) > counter
+    assert pci_ids(e2e, NODE2, name) == added
+    assert guest_devices(e2e, NODE2, name) == wanted
+    for kind in ("soft", "hard"):
+        before = obs.assert_runs_only_on(e2e.cluster, name, NODE2)
+        e2e.gnt("gnt-instance", "reboot", f"--type={kind}",
+                f"--shutdown-timeout={STOP_TIMEOUT}", name, step=f"hotplug: reboot {kind}")
+        assert obs.assert_runs_only_on(e2e.cluster, name, NODE2).pid != before.pid
+        e2e.check_running(name, NODE2)
+        if kind == "soft":  # the same QEMU devices, from the runtime record
+            assert pci_ids(e2e, NODE2, name) == added
+        else:  # a new start from Ganeti's configuration, which has them too
+            assert len(pci_ids(e2e, NODE2, name)) == len(added)
+        wait_for(f"the guest sees eth1 and vdb after a {kind} reboot",
+                 lambda: guest_devices(e2e, NODE2, name) == wanted)
+
+    e2e.gnt("gnt-instance", "modify", *_hotplug(e2e), "--net", "1:remove", name,
+            step="hotplug: nic remove")
+    e2e.gnt("gnt-instance", "modify", *_hotplug(e2e), "--disk", "1:remove", name,
+            step="hotplug: disk remove")
+    # the ids of before (the hard reboot laid the slots out afresh)
+    assert set(pci_ids(e2e, NODE2, name)) == set(before_ids)
+    wait_for("the guest no longer sees eth1 and vdb",
+             lambda: guest_devices(e2e, NODE2, name) == before_guest)
+    obs.guest_counter(e2e.cluster, NODE2, name)
+
+
+def status_becomes(e2e: E2E, name: str, wanted: str) -> None:
+    wait_for(f"gnt-instance list showing {name} {wanted}",
+             lambda: e2e.fields(name, "status")["status"] == wanted)
+
+
+def test_user_shutdown_told_apart_from_admin_stop_and_crash(e2e: E2E) -> None:
+    """``user_shutdown``: the guest's own poweroff is USER_down; an admin stop and a crash not.
+
+    Ganeti's kvmd reads the instance's events; the instance starts again
+    after each.
+    """
+    name = _need_instance(e2e)
+    e2e.ensure_running(name, NODE1)
+    e2e.gnt("gnt-cluster", "modify", "--user-shutdown=yes")
+    e2e.gnt("gnt-instance", "modify", "-H", "user_shutdown=true", name)
+    try:
+        _restart(e2e, name, "user_shutdown on")
+        reader = SerialReader(obs.ctrl_path(e2e.cluster, NODE1, name, "serial"))
+        try:
+            _wait_for_prompt(reader, GUEST_TIMEOUT)
+            reader.send("poweroff -f\n")
+            reader.read_until(r"Power down", GUEST_TIMEOUT)  # the kernel's last words
+        finally:
+            reader.close()
+        obs.assert_runs_nowhere(e2e.cluster, name, timeout=GUEST_TIMEOUT)
+        status_becomes(e2e, name, "USER_down")
+        e2e.gnt("gnt-instance", "startup", name, step="start after USER_down")
+        e2e.check_running(name, NODE1)
+
+        e2e.gnt("gnt-instance", "shutdown", f"--timeout={STOP_TIMEOUT}", name)
+        assert e2e.fields(name, "status")["status"] == "ADMIN_down"
+        e2e.gnt("gnt-instance", "startup", name)
+        qemu = e2e.check_running(name, NODE1)
+        os.kill(qemu.pid, signal.SIGKILL)  # a crash: the test's own instance
+        obs.assert_runs_nowhere(e2e.cluster, name)
+        status_becomes(e2e, name, "ERROR_down")
+        e2e.gnt("gnt-instance", "startup", name)
+        e2e.check_running(name, NODE1)
+    finally:
+        e2e.gnt("gnt-instance", "modify", "-H", "user_shutdown=default", name)
+        e2e.gnt("gnt-cluster", "modify", "--user-shutdown=no")
+
+
 def test_vnc_on_an_address(e2e: E2E) -> None:
     """``-H vnc_bind_address=ADDRESS``: QEMU's VNC server answers there, on the instance's port."""
     name = _need_instance(e2e)
@@ -203,6 +342,33 @@ def test_vnc_on_an_address(e2e: E2E) -> None:
              "print(s.recv(12).decode())")
     assert e2e.cluster.run(NODE1, "python3", "-c", probe).stdout.strip() == "RFB 003.008"
     e2e.gnt("gnt-instance", "modify", "-H", "vnc_bind_address=default", name)
+
+
+def test_spice_on_an_address(e2e: E2E) -> None:
+    """``-H spice_bind=ADDRESS`` without a serial console: SPICE there, and the console says so."""
+    name = _need_instance(e2e)
+    e2e.ensure_running(name, NODE1)
+    address = e2e.cluster.nodes[NODE1].address
+    e2e.gnt("gnt-instance", "modify", "-H", f"spice_bind={address},serial_console=false", name)
+    try:
+        e2e.gnt("gnt-instance", "reboot", "--type=hard", f"--shutdown-timeout={STOP_TIMEOUT}",
+                name, step="spice on an address")
+        obs.assert_runs_only_on(e2e.cluster, name, NODE1)
+        port = int(e2e.fields(name, "network_port")["network_port"])
+        spice = qmp(e2e, NODE1, name, "query-spice")
+        assert (spice["enabled"], spice["host"], int(spice["port"])) == (True, address, port)
+        assert spice["auth"] == "none", spice
+        probe = (f"import socket; socket.create_connection(({address!r}, {port}), 10); "
+                 "print('connected')")
+        assert e2e.cluster.run(NODE1, "python3", "-c", probe).stdout.strip() == "connected"
+        shown = e2e.gnt("gnt-instance", "console", "--show-cmd", name)
+        assert f"{address}:{port}" in shown and "SPICE" in shown.upper(), shown
+    finally:
+        e2e.gnt("gnt-instance", "modify", "-H", "spice_bind=default,serial_console=default",
+                name)
+        e2e.gnt("gnt-instance", "reboot", "--type=hard", f"--shutdown-timeout={STOP_TIMEOUT}",
+                name)
+    e2e.check_running(name, NODE1)
 
 
 def test_console_show_cmd(e2e: E2E) -> None:
@@ -223,8 +389,7 @@ def test_reinstall_and_rename(e2e: E2E) -> None:
     e2e.gnt("gnt-instance", "startup", name)
     e2e.check_running(name, NODE1)
     e2e.gnt("gnt-instance", "shutdown", f"--timeout={STOP_TIMEOUT}", name)
-    e2e.gnt("gnt-instance", "rename", "-f", "--no-ip-check", "--no-name-check", name, RENAMED,
-            step="rename")
+    e2e.gnt("gnt-instance", "rename", *_unchecked_rename(e2e), name, RENAMED, step="rename")
     e2e.added[e2e.added.index(name)] = RENAMED
     e2e.gnt("gnt-instance", "startup", RENAMED)
     e2e.check_running(RENAMED, NODE1)

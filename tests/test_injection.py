@@ -27,7 +27,7 @@ from ganeti_kvm.core import params as validation
 from ganeti_kvm.core.node import InstanceSpec
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.hv_kvm import KVMHypervisor
-from ganeti_kvm.qemu import cmdline, macaddr
+from ganeti_kvm.qemu import cmdline, macaddr, spice
 from ganeti_kvm.qmp import client as qmp
 from tests.helpers import kill_instances, make_instance
 from tests.netns import netns, skip_unless_netns
@@ -36,13 +36,16 @@ from tests.test_cmdline import Caps10, Caps72, hvp
 # Options QEMU parses as key=value,... lists, and options it takes whole.
 KEYVAL_OPTIONS = frozenset(["-drive", "-chardev", "-device", "-object", "-vnc", "-run-with",
                             "-netdev", "-name", "-machine", "-boot", "-rtc", "-mon", "-m",
-                            "-smp"])
+                            "-smp", "-spice"])
 WHOLE_OPTIONS = frozenset(["-pidfile", "-D", "-kernel", "-initrd", "-append", "-mem-path",
                            "-runas", "-chroot", "-incoming", "-uuid", "-serial", "-display",
                            "-vga", "-k"])
 HOSTILE = [",", "=", "\n", "\0"]
 PATHS = RunDir("/run/gk").instance("web1")
 SPEC = cmdline.MachineSpec(name="web1", memory=128, vcpus=1, network_port=5901)
+SPICE_TLS_SPEC = cmdline.MachineSpec(
+    name="web1", memory=128, vcpus=1, network_port=5901,
+    spice_tls=spice.TlsFiles(cacert="/ca.pem", cert="/s.pem", key="/s.pem"))
 
 
 def qemu_opts(text: str) -> list[tuple[str, str | None]]:
@@ -121,6 +124,17 @@ CASES: dict[str, tuple[str, Callable[[str], list[str]]]] = {
     names.HV_KVM_MACHINE_VERSION: ("pc-i440fx-7.2", lambda v: build(machine_version=v)),
     names.HV_SOUNDHW: ("hda", lambda v: build(soundhw=v)),
     names.HV_USB_DEVICES: ("tablet", lambda v: build(usb_devices=v)),
+    names.HV_KVM_SPICE_BIND: ("127.0.0.1", lambda v: build(spice_bind=v)),
+    f"{names.HV_KVM_SPICE_BIND} (resolved)": ("192.0.2.7", lambda v: build(
+        cmdline.MachineSpec(name="web1", memory=128, vcpus=1, network_port=5901,
+                            spice_address=v), spice_bind="eth0")),
+    names.HV_KVM_SPICE_TLS_CIPHERS: ("HIGH:-DES", lambda v: build(
+        SPICE_TLS_SPEC, spice_bind="127.0.0.1", spice_use_tls=True, spice_tls_ciphers=v)),
+    f"{names.HV_KVM_SPICE_USE_TLS} (certificate files)": ("/var/lib/ganeti/spice.pem",
+                                                           lambda v: build(
+        cmdline.MachineSpec(name="web1", memory=128, vcpus=1, network_port=5901,
+                            spice_tls=spice.TlsFiles(cacert=v, cert=v, key=v)),
+        spice_bind="127.0.0.1", spice_use_tls=True)),
 }
 
 
@@ -168,13 +182,16 @@ def test_every_value_is_refused_or_escaped(place: str, char: str) -> None:
 
 def test_the_table_covers_every_free_text_parameter_the_command_line_uses() -> None:
     """A guard: a text parameter that cmdline.py starts to use needs a row in CASES."""
-    with open(cmdline.__file__, encoding="utf-8") as handle:
-        used = {getattr(names, n)
-                for n in re.findall(r"\bc\.(HV_[A-Z0-9_]+)", handle.read())}
+    used = set()
+    for module in (cmdline, spice):  # spice builds -spice for cmdline
+        with open(module.__file__ or "", encoding="utf-8") as handle:
+            used |= {getattr(names, n)
+                     for n in re.findall(r"\bc\.(HV_[A-Z0-9_]+)", handle.read())}
     free_text = {key for key, (_, _, message, _, _) in validation.PARAMETERS.items()
                  if names.PARAMETER_TYPES[key] in (c.VTYPE_STRING, c.VTYPE_MAYBE_STRING)
                  and not (message or "").startswith("must be one of")}
-    never_in_argv = {c.HV_VNC_PASSWORD_FILE}  # read by the library, sent over QMP
+    # read by the library, sent over QMP
+    never_in_argv = {c.HV_VNC_PASSWORD_FILE, names.HV_KVM_SPICE_PASSWORD_FILE}
     # QEMU options by definition, each word a whole argv element after ours, checked word
     # by word against the library's own options in tests/test_devices_params.py.
     never_in_argv.add(names.HV_KVM_EXTRA)

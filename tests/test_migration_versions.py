@@ -20,8 +20,8 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
+from ganeti_kvm.core import hardware, runtime
 from ganeti_kvm.core import node as lifecycle
-from ganeti_kvm.core import runtime
 from ganeti_kvm.host.paths import RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
 from ganeti_kvm.qmp.client import qmp_execute
@@ -66,7 +66,7 @@ def test_golden_argv_with_a_pinned_machine_type(version: str) -> None:
         name="pin1", argv=[], hvparams=bare_hvparams("/usr/bin/kvm"),
         beparams={c.BE_MEMORY: 128, c.BE_VCPUS: 1}, machine="pc-i440fx-7.2")
     node = lifecycle.KvmNode("/run/gk")
-    record.machine = lifecycle.pin_machine(record, caps)
+    record.machine = hardware.pin_machine(record, caps)
     argv = node.build_argv(record, caps, RunDir("/run/gk").instance("pin1"))
     assert argv == [
         "/usr/bin/kvm", "-name", "pin1", "-no-user-config", "-nodefaults", "-daemonize",
@@ -87,13 +87,13 @@ def test_golden_argv_with_a_pinned_machine_type(version: str) -> None:
 @pytest.mark.parametrize("version", ["7.2", "10.0"])
 def test_a_new_start_pins_the_binarys_pc_type(version: str) -> None:
     record = runtime.RuntimeRecord(name="pin2", argv=[])
-    assert lifecycle.pin_machine(record, fixture_caps(version)) == f"pc-i440fx-{version}"
+    assert hardware.pin_machine(record, fixture_caps(version)) == f"pc-i440fx-{version}"
 
 
 def test_a_type_the_node_lacks_is_refused_with_what_to_do() -> None:
     record = runtime.RuntimeRecord(name="pin3", argv=[], machine="pc-i440fx-10.0")
     with pytest.raises(errors.HypervisorError) as err:
-        lifecycle.pin_machine(record, fixture_caps("7.2"))
+        hardware.pin_machine(record, fixture_caps("7.2"))
     message = str(err.value)
     assert "pin3" in message and "pc-i440fx-10.0" in message
     assert "newest pc-i440fx-* type is pc-i440fx-7.2" in message

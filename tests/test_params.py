@@ -56,7 +56,8 @@ SYNTAX_CASES = [
     (c.HV_KEYMAP, "de-ch", "de ch"),
     (c.HV_KEYMAP, "en-us", "/usr/share/keymaps/de"),
     (c.HV_REBOOT_BEHAVIOR, c.INSTANCE_REBOOT_EXIT, "halt"),
-    (c.HV_KVM_SPICE_BIND, "", "127.0.0.1"),
+    (c.HV_KVM_SPICE_BIND, "127.0.0.1", "127.0.0.1,port=1"),
+    (c.HV_KVM_SPICE_BIND, "eth0", "eth0 eth1"),
     (c.HV_KVM_SPICE_IP_VERSION, 6, 5),
 ]
 

@@ -390,8 +390,10 @@ def test_probe_fake_binary(tmp_path: Path, popen: PopenCounter) -> None:
     assert popen.count == qemu_caps.PROBE_PROCESSES
     aio = [" ".join(qemu_caps.aio_probe_argv(str(script), mode)[1:])
            for mode in qemu_caps.PROBED_AIO_MODES]
-    assert sorted(calls(tmp_path)) == sorted([*ARGS_TO_FILE, *aio])
+    spice = " ".join(qemu_caps.spice_probe_argv(str(script))[1:])
+    assert sorted(calls(tmp_path)) == sorted([*ARGS_TO_FILE, *aio, spice])
     assert caps.aio_modes == frozenset()  # the fake refuses the aio probe: no io_uring
+    assert not caps.has_spice  # and the SPICE probe: no SPICE
     # the second call runs no process at all
     popen.forbid = True
     assert qemu_caps.probe(str(script)) is caps

@@ -92,6 +92,51 @@ def test_execute_success_sends_id_and_arguments(fake: Callable[..., FakeQmp]) ->
     assert first["id"] != second["id"]
 
 
+def test_execute_many_sends_every_command_before_any_reply(
+        fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        peer.handshake()
+        # All three must be there before anything is answered.
+        first, second, third = (peer.recv(timeout=2) for _ in range(3))
+        peer.reply(first, {"n": 1})
+        peer.send({"error": {"class": "GenericError", "desc": "refused"},
+                   "id": second["id"]})
+        peer.send({"event": "MIGRATION", "data": {"status": "setup"},
+                   "timestamp": {"seconds": 0, "microseconds": 0}})
+        peer.reply(third, {"n": 3})
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        one, refused, three = client.execute_many(
+            [("a", None), ("b", {"x": 1}), ("c", None)])
+        assert one == {"n": 1} and three == {"n": 3}
+        assert isinstance(refused, QmpCommandError) and refused.desc == "refused"
+        assert "b" in str(refused)
+        event = client.wait_event(["MIGRATION"], timeout=0)
+        assert event is not None and event["data"] == {"status": "setup"}
+    server.stop()
+    assert [r["execute"] for r in server.peers[0].requests[1:]] == ["a", "b", "c"]
+    assert server.peers[0].requests[2]["arguments"] == {"x": 1}
+
+
+def test_execute_many_on_a_new_connection_goes_out_with_the_negotiation(
+        fake: Callable[..., FakeQmp]) -> None:
+    def script(peer: Peer) -> None:
+        # Everything arrives before QEMU has even greeted.
+        caps, first, second = (peer.recv(timeout=2) for _ in range(3))
+        peer.send(GREETING)
+        peer.reply(caps, {})
+        peer.reply(first, 1)
+        peer.reply(second, 2)
+
+    server = fake(script)
+    with QmpClient(server.path, timeout=5) as client:
+        assert client.execute_many([("a", None), ("b", None)]) == [1, 2]
+        assert client.greeting == GREETING
+    server.stop()
+    assert [r["execute"] for r in server.peers[0].requests] == ["qmp_capabilities", "a", "b"]
+
+
 def test_qmp_error_raises_command_error(fake: Callable[..., FakeQmp]) -> None:
     def script(peer: Peer) -> None:
         peer.handshake()

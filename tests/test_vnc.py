@@ -22,7 +22,7 @@ from ganeti_kvm import errors
 from ganeti_kvm.host import paths
 from ganeti_kvm.hv_kvm import KVMHypervisor
 from tests.certs import make_x509_dir
-from tests.helpers import free_vnc_port, make_instance
+from tests.helpers import free_vnc_port, make_instance, recv_exact
 
 RFB_BANNER = b"RFB 003.008\n"
 SEC_VENCRYPT = 19
@@ -36,16 +36,6 @@ def base_hvparams(qemu_bin: str, **overrides: Any) -> dict[str, Any]:
                kvm_flag="disabled")
     hvp.update(overrides)
     return hvp
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise AssertionError(f"connection closed after {data!r}, wanted {size} bytes")
-        data += chunk
-    return data
 
 
 def connect(family: int, address: Any, timeout: float = 10.0) -> socket.socket:

@@ -44,6 +44,15 @@ HV_VNC_X509_VERIFY = "vnc_x509_verify"
 HV_VNC_PASSWORD_FILE = "vnc_password_file"
 HV_KVM_SPICE_BIND = "spice_bind"
 HV_KVM_SPICE_IP_VERSION = "spice_ip_version"
+HV_KVM_SPICE_PASSWORD_FILE = "spice_password_file"
+HV_KVM_SPICE_LOSSLESS_IMG_COMPR = "spice_image_compression"
+HV_KVM_SPICE_JPEG_IMG_COMPR = "spice_jpeg_wan_compression"
+HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR = "spice_zlib_glz_wan_compression"
+HV_KVM_SPICE_STREAMING_VIDEO_DETECTION = "spice_streaming_video"
+HV_KVM_SPICE_AUDIO_COMPR = "spice_playback_compression"
+HV_KVM_SPICE_USE_TLS = "spice_use_tls"
+HV_KVM_SPICE_TLS_CIPHERS = "spice_tls_ciphers"
+HV_KVM_SPICE_USE_VDAGENT = "spice_use_vdagent"
 HV_KEYMAP = "keymap"
 HV_REBOOT_BEHAVIOR = "reboot_behavior"
 HV_KVM_FLOPPY_IMAGE_PATH = "floppy_image_path"
@@ -84,6 +93,8 @@ HV_KVM_EXTRA = "kvm_extra"
 HV_VNET_HDR = "vnet_hdr"
 HV_VIRTIO_NET_QUEUES = "virtio_net_queues"
 HV_KVM_PCI_RESERVATIONS = "kvm_pci_reservations"
+HV_USE_GUEST_AGENT = "use_guest_agent"
+HV_KVM_USER_SHUTDOWN = "user_shutdown"
 
 # Value types of hypervisor parameters
 VTYPE_STRING = "string"
@@ -107,6 +118,15 @@ PARAMETER_TYPES: dict[str, str] = {
     HV_VNC_PASSWORD_FILE: VTYPE_STRING,
     HV_KVM_SPICE_BIND: VTYPE_STRING,
     HV_KVM_SPICE_IP_VERSION: VTYPE_INT,
+    HV_KVM_SPICE_PASSWORD_FILE: VTYPE_STRING,
+    HV_KVM_SPICE_LOSSLESS_IMG_COMPR: VTYPE_STRING,
+    HV_KVM_SPICE_JPEG_IMG_COMPR: VTYPE_STRING,
+    HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR: VTYPE_STRING,
+    HV_KVM_SPICE_STREAMING_VIDEO_DETECTION: VTYPE_STRING,
+    HV_KVM_SPICE_AUDIO_COMPR: VTYPE_BOOL,
+    HV_KVM_SPICE_USE_TLS: VTYPE_BOOL,
+    HV_KVM_SPICE_TLS_CIPHERS: VTYPE_STRING,
+    HV_KVM_SPICE_USE_VDAGENT: VTYPE_BOOL,
     HV_KEYMAP: VTYPE_STRING,
     HV_REBOOT_BEHAVIOR: VTYPE_STRING,
     HV_KVM_FLOPPY_IMAGE_PATH: VTYPE_STRING,
@@ -137,6 +157,8 @@ PARAMETER_TYPES: dict[str, str] = {
     HV_CPU_MASK: VTYPE_STRING,
     HV_CPU_TYPE: VTYPE_STRING,
     HV_CPU_CORES: VTYPE_INT,
+    HV_USE_GUEST_AGENT: VTYPE_BOOL,
+    HV_KVM_USER_SHUTDOWN: VTYPE_BOOL,
     HV_CPU_THREADS: VTYPE_INT,
     HV_CPU_SOCKETS: VTYPE_INT,
     HV_KVM_MACHINE_VERSION: VTYPE_STRING,
@@ -274,6 +296,16 @@ IP4_VERSION = 4
 IP6_VERSION = 6
 VALID_IP_VERSIONS = frozenset([IP4_VERSION, IP6_VERSION])
 
+# SPICE image compression (HV_KVM_SPICE_LOSSLESS_IMG_COMPR), the WAN
+# compression of JPEG and zlib-glz images, and video stream detection: the
+# values of QEMU's -spice options of the same names
+HT_KVM_SPICE_VALID_LOSSLESS_IMG_COMPR_OPTIONS = frozenset([
+    "auto_glz", "auto_lz", "glz", "lz", "off", "quic"])
+HT_KVM_SPICE_VALID_LOSSY_IMG_COMPR_OPTIONS = frozenset(["always", "auto", "never"])
+HT_KVM_SPICE_VALID_VIDEO_STREAM_DETECTION_OPTIONS = frozenset(["all", "filter", "off"])
+# OpenSSL's cipher list of Ganeti's default spice_tls_ciphers
+SPICE_DEFAULT_TLS_CIPHERS = "HIGH:-DES:-3DES:-EXPORT:-DH"
+
 # Serial line speeds QEMU's chardev and the kernel's console agree on
 VALID_SERIAL_SPEEDS = (75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600,
                        14400, 19200, 28800, 38400, 57600, 115200, 230400,
@@ -376,6 +408,17 @@ DEFAULTS: dict[str, object] = {
     HV_VNET_HDR: True,
     HV_VIRTIO_NET_QUEUES: 1,
     HV_KVM_PCI_RESERVATIONS: 12,
+    HV_USE_GUEST_AGENT: False,
+    HV_KVM_USER_SHUTDOWN: False,
+    HV_KVM_SPICE_PASSWORD_FILE: "",
+    HV_KVM_SPICE_LOSSLESS_IMG_COMPR: "",
+    HV_KVM_SPICE_JPEG_IMG_COMPR: "",
+    HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR: "",
+    HV_KVM_SPICE_STREAMING_VIDEO_DETECTION: "",
+    HV_KVM_SPICE_AUDIO_COMPR: True,
+    HV_KVM_SPICE_USE_TLS: False,
+    HV_KVM_SPICE_TLS_CIPHERS: SPICE_DEFAULT_TLS_CIPHERS,
+    HV_KVM_SPICE_USE_VDAGENT: True,
 }
 
 # Backend parameters the core reads
@@ -395,3 +438,5 @@ IP4_ADDRESS_ANY = "0.0.0.0"
 HV_STATE_RUNNING = "running"
 HV_STATE_PAUSED = "paused"
 HV_STATE_UNKNOWN = "unknown"  # the process lives but its monitor does not answer
+# QEMU is gone and ganeti-kvmd saw the guest power itself off (user_shutdown)
+HV_STATE_USER_DOWN = "user-down"

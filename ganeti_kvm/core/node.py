@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_kvm import errors
-from ganeti_kvm.core import legacy, params, pinning, runtime
+from ganeti_kvm.core import hardware, hotplug, legacy, params, pinning, runtime
 from ganeti_kvm.core import names as c
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
-from ganeti_kvm.host.paths import InstancePaths, RunDir
+from ganeti_kvm.host.paths import SHUTDOWN_MARKER_SUFFIX, InstancePaths, RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
-from ganeti_kvm.qemu import cmdline, devices, macaddr
+from ganeti_kvm.qemu import cmdline, devices, macaddr, spice
 from ganeti_kvm.qemu import log as qemulog
 from ganeti_kvm.qmp import batch as qmp_batch
 from ganeti_kvm.qmp import hmp
+from ganeti_kvm.qmp.agent import GuestAgent
 from ganeti_kvm.qmp.client import QmpClient
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 LAUNCH_TIMEOUT = 120.0  # the daemonizing QEMU parent must exit within this
 QMP_READY_TIMEOUT = 30.0  # QMP must answer within this after the parent exited
 LIST_QMP_TIMEOUT = 1.0  # a listing call waits at most this for one instance
+# A stop's word to ganeti-kvmd, and to the guest agent, waits at most this per step
+ADMIN_STOP_TIMEOUT = 2.0
+GUEST_AGENT_TIMEOUT = 2.0
 UID_POOL_ENV = "GANETI_KVM_UID_POOL"
 # QEMU run states in which no guest OS runs that could hear the ACPI button.
 NO_GUEST_STATES = frozenset(["prelaunch", "inmigrate", "postmigrate", "finish-migrate",
@@ -102,7 +106,7 @@ class KvmNode:
 
     def __init__(self, run_dir: str, uid_pool: str | None = None,
                  socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, spice_tls: spice.TlsFiles | None = None) -> None:
         if not isinstance(run_dir, str) or not run_dir or "\0" in run_dir:
             raise errors.HypervisorError(
                 f"Invalid run directory {run_dir!r:.100}: give a path without NUL bytes")
@@ -113,6 +117,9 @@ class KvmNode:
         # The network namespace (an ``ip netns`` name) where the instances' TAP
         # devices live and the ifup hook runs; None is this process's own.
         self.netns = netns
+        # The node's SPICE certificate files (spice_use_tls), where the cluster
+        # manager keeps them; None: SPICE over TLS is refused.
+        self.spice_tls = spice_tls
 
     # --- helpers -------------------------------------------------------------
 
@@ -180,7 +187,7 @@ class KvmNode:
         """Syntax and node checks of filled ``hvparams``; returns the QEMU's capabilities."""
         params.check_all_syntax(hvparams)
         caps = self.caps(hvparams[c.HV_KVM_PATH])
-        params.check_all_node(hvparams, caps)
+        params.check_all_node(hvparams, caps, spice_tls=self.spice_tls)
         return caps
 
     # --- start ---------------------------------------------------------------
@@ -201,7 +208,7 @@ class KvmNode:
                 disks=[d.to_dict() for d in spec.disks], tags=list(spec.tags),
                 qemu_version=list(caps.version), uuid=spec.uuid,
                 network_port=spec.network_port)
-            assign_devices(record)  # kept in the record for every later start
+            hardware.assign_devices(record)  # kept in the record for every later start
             self.start_from_record(record, paused=paused, caps=caps)
 
     def build_argv(self, record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps,
@@ -213,7 +220,14 @@ class KvmNode:
             network_port=record.network_port,
             run_as=self._run_as(record.hvparams, record.uid), machine=record.machine,
             balloon=None if record.balloon is None else devices.DeviceId.from_dict(
-                record.balloon, f"the balloon of instance {record.name}"))
+                record.balloon, f"the balloon of instance {record.name}"),
+            guest_agent=None if record.guest_agent is None else devices.DeviceId.from_dict(
+                record.guest_agent, f"the guest agent channel of instance {record.name}"),
+            # an interface's address is this node's: looked up at every start
+            spice_address=params.resolve_spice_bind(record.hvparams),
+            spice_tls=self.spice_tls,
+            spice_agent=None if record.spice_agent is None else devices.DeviceId.from_dict(
+                record.spice_agent, f"the SPICE agent channel of instance {record.name}"))
         disks = [cmdline.BlockDevice.from_dict(d) for d in record.disks]
         return cmdline.build_argv(spec, disks, record.hvparams, caps, paths)
 
@@ -252,8 +266,11 @@ class KvmNode:
                     record.balloon_memory = None  # a new QEMU starts with all its memory
                     # A fresh QEMU need match no other: a record written before
                     # balloons existed gets one now (a migration target must not).
-                    give_balloon(record)
-                record.machine = pin_machine(record, caps)
+                    hardware.give_balloon(record)
+                    hardware.give_guest_agent(record)
+                    hotplug.drop_unplugged(record)  # their removal was asked for
+                    hardware.give_spice_agent(record)
+                record.machine = hardware.pin_machine(record, caps)
                 record.argv = self.build_argv(record, caps, paths)
                 record.qemu_version = list(caps.version)
             self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
@@ -348,6 +365,7 @@ class KvmNode:
             with QmpClient(paths.qmp_long_socket, timeout=QMP_READY_TIMEOUT) as qmp:
                 qmp.connect()
                 qmp.execute("query-status")
+                _publish_kvmd_socket(paths)  # QEMU listens on every socket now
                 # before the guest runs a single instruction (start, reboot, target)
                 pinning.apply(record.name, pid, hvp, int(record.beparams[c.BE_VCPUS]),
                               qmp.execute)
@@ -357,6 +375,10 @@ class KvmNode:
                 if password_file:
                     password = params.read_vnc_password(password_file)
                     qmp.execute("set_password", {"protocol": "vnc", "password": password})
+                if spice.enabled(hvp) and hvp.get(c.HV_KVM_SPICE_PASSWORD_FILE):
+                    # QEMU refuses every SPICE client until this ticket is set
+                    password = params.read_spice_password(hvp[c.HV_KVM_SPICE_PASSWORD_FILE])
+                    qmp.execute("set_password", {"protocol": "spice", "password": password})
                 if not paused and incoming is None:
                     qmp.execute("cont")
         except errors.MonitorError as err:
@@ -538,11 +560,62 @@ class KvmNode:
                 else:
                     log.warning("Instance %s did not power off within %.1f s; terminating it",
                                 name, timeout)
-        if not process.terminate(pid):
-            raise errors.HypervisorError(
-                f"Failed to stop instance {name}: QEMU process {pid} survived SIGKILL")
+        self._end_qemu(name, paths, pid)
         self._cleanup_stopped(name, paths)
         return True
+
+    def _end_qemu(self, name: str, paths: InstancePaths, pid: int) -> None:
+        """End QEMU by signal (SIGTERM, then SIGKILL), as an administrator's stop.
+
+        SIGTERM makes QEMU report a SHUTDOWN event, which ganeti-kvmd alone
+        would read as the guest's own power-off: it is told first
+        (:meth:`_announce_admin_stop`).  A QEMU that cannot be told (its
+        monitor does not answer) gets SIGKILL at once, which reports nothing.
+        """
+        if self._announce_admin_stop(paths) is False:
+            log.warning("Instance %s: its monitor does not answer; killing QEMU %d so that "
+                        "ganeti-kvmd cannot take the stop for the guest's own", name, pid)
+            process.signal_pid(pid, signal.SIGKILL)
+            gone = process.wait_gone(pid, 10.0)
+        else:
+            gone = process.terminate(pid)
+        if not gone:
+            raise errors.HypervisorError(
+                f"Failed to stop instance {name}: QEMU process {pid} survived SIGKILL")
+
+    @staticmethod
+    def _announce_admin_stop(paths: InstancePaths) -> bool | None:
+        """Make ganeti-kvmd read QEMU's coming end as an administrator's stop.
+
+        kvmd (``user_shutdown``, on :attr:`InstancePaths.kvmd_socket`) takes
+        a SHUTDOWN event with no POWERDOWN or STOP event before it for the
+        guest's own power-off, and writes the marker Ganeti shows as
+        USER_down; it decides when QEMU closes the socket, which may be after
+        this stop removed the marker, so the word must come before QEMU goes.
+        ``stop`` emits STOP if the guest runs; ``system_powerdown`` emits
+        POWERDOWN in every run state (the guest, stopped, never hears it).
+        QEMU emits POWERDOWN from its main loop after the command returned,
+        where a pending SIGTERM would win, so the event is awaited.  Every
+        monitor gets each event at once: kvmd has it before QEMU exits.
+
+        None: QEMU has no kvmd monitor, nothing to tell; True: told; False:
+        the monitor did not answer within :data:`ADMIN_STOP_TIMEOUT` a step.
+        """
+        if not os.path.exists(paths.kvmd_socket):
+            return None
+        try:
+            with QmpClient(paths.qmp_socket, timeout=ADMIN_STOP_TIMEOUT) as client:
+                client.execute("stop")
+                client.execute("system_powerdown")
+                if client.wait_event(["POWERDOWN"], ADMIN_STOP_TIMEOUT) is not None:
+                    return True
+        except errors.MonitorError as err:
+            log.warning("Cannot tell ganeti-kvmd that instance %s is stopped by the "
+                        "administrator: %s", paths.name, err)
+            return False
+        log.warning("Instance %s's QEMU sent no POWERDOWN event within %.0f s",
+                    paths.name, ADMIN_STOP_TIMEOUT)
+        return False
 
     def _press_power_button(self, paths: InstancePaths) -> bool:
         """Press the ACPI power button if a guest can hear it; False if none can.
@@ -554,15 +627,49 @@ class KvmNode:
         if self.human_monitor_only(paths):
             state = hmp.run_state(hmp.hmp_command(paths.monitor_socket, "info status", 5.0))
         else:
+            agent = os.path.exists(paths.guest_agent_socket)
             with QmpClient(paths.qmp_socket, timeout=5.0) as client:
                 state = str(client.execute("query-status")["status"])
-                if state not in NO_GUEST_STATES:
-                    client.execute("system_powerdown")
-                return state not in NO_GUEST_STATES
+                if state in NO_GUEST_STATES:
+                    return False
+                client.execute("system_powerdown")
+                # The agent's shut-down must come after POWERDOWN (see _ask_guest_agent)
+                powered = not agent or client.wait_event(["POWERDOWN"], 5.0) is not None
+            if agent and powered:
+                self._ask_guest_agent(paths)
+            elif agent:
+                log.warning("Instance %s's QEMU sent no POWERDOWN event; its guest agent is "
+                            "not asked, the ACPI power button alone stops it", paths.name)
+            return True
         if state in NO_GUEST_STATES:
             return False
         self.monitor_command(paths, "system_powerdown", timeout=5.0)
         return True
+
+    @staticmethod
+    def _ask_guest_agent(paths: InstancePaths) -> None:
+        """Ask the guest agent, if it answers within :data:`GUEST_AGENT_TIMEOUT`, to
+        power the guest off, besides the ACPI button just pressed.
+
+        A guest that ignores the button (no ACPI daemon, a locked desktop)
+        still powers off.  The button stays: its POWERDOWN event is what
+        tells ganeti-kvmd (``user_shutdown``) that the administrator stopped
+        the guest, and the agent's own power-off reports only SHUTDOWN, which
+        kvmd would take for the guest's own.  Pressing it first costs the
+        cooperative guest nothing (both ask the same power-off); stopping
+        and continuing the guest instead would pause it, and a
+        failed continue would leave it paused where its agent cannot act.
+        A silent agent (none installed, not started) is logged: the button
+        alone acts then, as without ``use_guest_agent``.
+        """
+        try:
+            with GuestAgent(paths.guest_agent_socket, paths.name,
+                            timeout=GUEST_AGENT_TIMEOUT) as agent:
+                agent.shutdown()
+        except errors.GuestAgentError as err:
+            log.info("Instance %s: %s; the ACPI power button alone stops it", paths.name, err)
+        else:
+            log.info("Instance %s: asked its guest agent to power the guest off", paths.name)
 
     def _cleanup_stopped(self, name: str, paths: InstancePaths) -> None:
         """Release everything of a stopped instance: uid, chroot, files, 2011 leftovers.
@@ -607,7 +714,10 @@ class KvmNode:
         """Remove the files a stopped instance may leave: sockets, pidfile, log, record,
         half-written records, and what the 2011 driver kept per instance."""
         problems = []
-        for path in paths.runtime_files() + [paths.runtime_file] + _stale_temp_files(paths):
+        # The user_shutdown marker too: every caller is a start, a stop or a
+        # clean-up the administrator asked for (never a listing).
+        for path in (paths.runtime_files() + [paths.runtime_file, paths.shutdown_marker]
+                     + _stale_temp_files(paths)):
             try:
                 fsutil.remove_file(path)
             except errors.HypervisorError as err:
@@ -657,7 +767,7 @@ class KvmNode:
                 if record.machine is None:
                     record.machine = self.running_machine(name)  # keep what the guest had
                 # refused here, before the stop, if this node's QEMU lacks the type
-                pin_machine(record, self.caps(record.hvparams[c.HV_KVM_PATH]))
+                hardware.pin_machine(record, self.caps(record.hvparams[c.HV_KVM_PATH]))
             else:
                 self._check_upgraded(record)  # refused before the stop, not after it
             self._stop_locked(name, paths, bool(record.hvparams.get(c.HV_ACPI)), False,
@@ -693,18 +803,50 @@ class KvmNode:
         """Names of the instances whose QEMU really runs."""
         return [paths.name for paths, _ in self._scan()]
 
-    def info(self, name: str) -> InstanceInfo | None:
-        """The running instance ``name``, or None; never raises for a dead instance."""
+    def info(self, name: str, user_down: bool = False) -> InstanceInfo | None:
+        """The running instance ``name``, or None; never raises for a dead instance.
+
+        With ``user_down``, an instance whose guest powered itself off as
+        ganeti-kvmd saw it (``user_shutdown``) is reported too, in state
+        :data:`~ganeti_kvm.core.names.HV_STATE_USER_DOWN`, until a start,
+        stop or clean-up.
+        """
         try:
             paths = self.paths(name)
         except errors.HypervisorError:
             return None
         found = self._running(paths)
-        return None if found is None else _describe([(paths, found)])[0]
+        if found is None:
+            return _user_down(paths) if user_down else None
+        return _describe([(paths, found)])[0]
 
-    def all_info(self) -> list[InstanceInfo]:
-        """Every running instance."""
-        return _describe(self._scan())
+    def all_info(self, user_down: bool = False) -> list[InstanceInfo]:
+        """Every running instance; with ``user_down`` also those :meth:`info` reports so."""
+        described = _describe(self._scan())
+        if user_down:
+            running = {info.name for info in described}
+            described += [info for info in self._user_downs() if info.name not in running]
+        return described
+
+    def _user_downs(self) -> list[InstanceInfo]:
+        """The instances with a user_shutdown marker and no QEMU (see :meth:`info`)."""
+        suffix = SHUTDOWN_MARKER_SUFFIX
+        try:
+            entries = sorted(os.listdir(self.layout.ctrl_dir))
+        except OSError:
+            return []  # no control directory: no marker either
+        found = []
+        for entry in entries:
+            if not entry.endswith(suffix):
+                continue
+            try:
+                paths = self.paths(entry[:-len(suffix)])
+            except errors.HypervisorError:
+                continue  # not an instance name of ours
+            info = _user_down(paths) if self._running(paths) is None else None
+            if info is not None:
+                found.append(info)
+        return found
 
     def running_machine(self, name: str) -> str | None:
         """The machine type instance ``name``'s QEMU really emulates, asked over QMP.
@@ -801,102 +943,6 @@ class _NicView:
         self.nicparams = dict(nic.get("nicparams") or {})
 
 
-def assign_devices(record: runtime.RuntimeRecord) -> None:
-    """Give each NIC and disk of ``record`` without a device identity a new one, in place.
-
-    For a new start: each gets a name and a PCI slot
-    (:func:`ganeti_kvm.qemu.devices.allocate`).  Identities already there are
-    kept and their slots avoided.
-    """
-    hvp = record.hvparams
-    nics = [devices.identity_of(n, f"NIC {i} of {record.name}")
-            for i, n in enumerate(record.nics)]
-    disks = [devices.identity_of(d, f"disk {i} of {record.name}")
-             for i, d in enumerate(record.disks)]
-    first_slot = int(hvp.get(c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT))
-    if all(i is not None for i in nics + disks):
-        _assign_balloon(record, nics + disks, first_slot)
-        return
-    nic_ids, disk_ids = devices.allocate(
-        nics, disks, nic_on_pci=hvp.get(c.HV_NIC_TYPE) != c.HT_NIC_NE2K_ISA,
-        disk_on_pci=hvp.get(c.HV_DISK_TYPE) == c.HT_DISK_PARAVIRTUAL,
-        rom=hvp.get(c.HV_BOOT_ORDER) == c.HT_BO_NETWORK and not hvp.get(c.HV_KERNEL_PATH),
-        disk_type=str(hvp.get(c.HV_DISK_TYPE)), name=record.name,
-        first_slot=int(hvp.get(c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT)))
-    for entry, ident in [*zip(record.nics, nic_ids, strict=True),
-                         *zip(record.disks, disk_ids, strict=True)]:
-        entry[devices.DEVICE_KEY] = ident.to_dict()
-    _assign_balloon(record, [*nic_ids, *disk_ids], first_slot)
-
-
-BALLOON_ID = "balloon0"
-
-
-def give_balloon(record: runtime.RuntimeRecord) -> None:
-    """Give ``record`` a balloon device if it has none, beside its NICs' and disks' slots."""
-    if record.balloon is not None:
-        return
-    identities = [devices.identity_of(e, f"device {i} of {record.name}")
-                  for i, e in enumerate([*record.nics, *record.disks])]
-    _assign_balloon(record, identities, int(record.hvparams.get(
-        c.HV_KVM_PCI_RESERVATIONS, devices.FIRST_FREE_SLOT)))
-
-
-def _assign_balloon(record: runtime.RuntimeRecord,
-                    identities: Sequence[devices.DeviceId | None],
-                    first_slot: int = devices.FIRST_FREE_SLOT) -> None:
-    """Give a new ``record`` its virtio-balloon device: ``balloon0`` on the last free slot.
-
-    Placed after the NICs and disks got theirs, on the highest slot they
-    left (down to ``first_slot``), so they keep the slots they had before
-    instances got a balloon, and the slots after theirs stay free for
-    devices added later; kept in the record for every later start
-    (reboot, migration target).
-    """
-    if record.balloon is not None:
-        return
-    used = devices.used_slots(identities)
-    slot = next((s for s in range(devices.PCI_SLOTS - 1, first_slot - 1, -1)
-                 if s not in used), None)
-    if slot is None:  # every slot holds a NIC or disk: they matter more
-        log.warning("Instance %s gets no balloon device: its NICs and disks hold every PCI "
-                    "slot from %d on; it cannot be ballooned", record.name, first_slot)
-        return
-    record.balloon = devices.DeviceId(backend=BALLOON_ID, id=BALLOON_ID, bus=devices.PCI_BUS,
-                                      addr=hex(slot)).to_dict()
-
-
-def pin_machine(record: runtime.RuntimeRecord, caps: qemu_caps.QemuCaps) -> str | None:
-    """The machine type ``record`` starts with on QEMU ``caps``: pinned, or pinned now.
-
-    A record's type is kept on every later start and refused up front (with
-    what to do) if this QEMU lacks it, rather than letting QEMU fail later,
-    or, on a migration target, the migration break with "Broken pipe".  A
-    record without one takes its ``machine_version`` (an alias resolved to
-    the versioned type, refused naming the key if this QEMU lacks it), else
-    this QEMU's ``pc`` type (None if its alias table names none: then QEMU
-    resolves ``pc`` itself).
-    """
-    if record.machine is None:
-        wanted = record.hvparams.get(c.HV_KVM_MACHINE_VERSION) or ""
-        if not wanted:
-            return caps.pinned_machine()
-        reason = caps.missing_machine(wanted)
-        if reason is not None:
-            raise errors.ParameterError(
-                f"Cannot start instance {record.name}: {c.HV_KVM_MACHINE_VERSION} is "
-                f"{wanted!r} but {reason}; set {c.HV_KVM_MACHINE_VERSION} to a machine type "
-                f"of this QEMU, or to \"\" for its pc type", c.HV_KVM_MACHINE_VERSION, wanted)
-        return caps.resolve_machine(wanted)  # an alias (q35) is pinned as its versioned type
-    reason = caps.missing_machine(record.machine)
-    if reason is not None:
-        raise errors.HypervisorError(
-            f"Cannot start instance {record.name}: {reason}, the type it was first started "
-            f"with. Start it on a node whose QEMU has {record.machine}, or stop it and start "
-            "it afresh here (a new start pins this QEMU's type)")
-    return record.machine
-
-
 def _said(stderr: bytes | None, paths: InstancePaths) -> str:
     """What a launching QEMU said: its stderr (options before ``-D``) and its log."""
     parts = [(stderr or b"").decode("utf-8", "replace").strip(), qemulog.tail(paths.qemu_log)]
@@ -957,6 +1003,40 @@ def _describe(found: Iterable[tuple[InstancePaths, process.QemuProcess]]) -> lis
         described.append(InstanceInfo(name=paths.name, pid=proc.pid, memory=memory,
                                       vcpus=vcpus, state=state, cpu_time=proc.stat.cpu_time))
     return described
+
+
+def _publish_kvmd_socket(paths: InstancePaths) -> None:
+    """Give ganeti-kvmd's monitor its name (``NAME.kvmd``) once QEMU listens on it.
+
+    kvmd connects to a ``*.kvmd`` socket when inotify shows the file
+    created, and never again: QEMU's own socket file appears at its bind,
+    before its listen, and kvmd's connect was seen refused in that gap.
+    A hard link made now is a creation kvmd sees, of a socket that already
+    listens.  Nothing to do for a QEMU without the monitor (user_shutdown off).
+    """
+    if not os.path.exists(paths.kvmd_bind_socket):
+        return
+    try:
+        fsutil.remove_file(paths.kvmd_socket)
+        os.link(paths.kvmd_bind_socket, paths.kvmd_socket)
+        os.unlink(paths.kvmd_bind_socket)
+    except OSError as err:
+        raise errors.HypervisorError(
+            f"Failed to start instance {paths.name}: cannot link ganeti-kvmd's monitor "
+            f"{paths.kvmd_bind_socket} to {paths.kvmd_socket}: {err.strerror}; check the "
+            "run directory") from None
+
+
+def _user_down(paths: InstancePaths) -> InstanceInfo | None:
+    """A QEMU-less instance whose guest powered itself off (ganeti-kvmd's marker), or None.
+
+    No process: no pid (-1), memory, vCPUs or CPU time, as Ganeti's driver
+    reports it.
+    """
+    if not os.path.isfile(paths.shutdown_marker):
+        return None
+    return InstanceInfo(name=paths.name, pid=-1, memory=0, vcpus=0,
+                        state=c.HV_STATE_USER_DOWN, cpu_time=0.0)
 
 
 def _ballooned(paths: InstancePaths) -> int | None:

@@ -22,14 +22,15 @@ import os
 import pwd
 import re
 import shlex
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
 from ganeti_kvm.core import pinning
-from ganeti_kvm.host import affinity
-from ganeti_kvm.qemu import cmdline, peripherals
+from ganeti_kvm.host import affinity, ifaddr
+from ganeti_kvm.qemu import cmdline, peripherals, spice
 from ganeti_kvm.qemu import cpu as qemu_cpu
 from ganeti_kvm.qemu.caps import is_machine_name
 
@@ -295,11 +296,6 @@ _TOPOLOGY_MSG = (f"must be a whole number from 0 (QEMU's choice) to "
                  f"{qemu_cpu.MAX_TOPOLOGY}")
 
 
-def _refuse(value: Any) -> bool:
-    """The check of a key this library accepts only empty (a feature it lacks)."""
-    return False
-
-
 PARAMETERS: dict[str, Check] = {
     c.HV_KVM_PATH: REQ_FILE_CHECK,
     c.HV_KERNEL_PATH: OPT_FILE_CHECK,
@@ -316,13 +312,26 @@ PARAMETERS: dict[str, Check] = {
     c.HV_VNC_X509: OPT_DIR_CHECK,
     c.HV_VNC_X509_VERIFY: NO_CHECK,
     c.HV_VNC_PASSWORD_FILE: OPT_FILE_CHECK,
-    # SPICE is not implemented: the key is accepted (the cluster manager
-    # fills it in) but only empty; the IP version only goes with it.
-    c.HV_KVM_SPICE_BIND: (False, _refuse,
-                          'SPICE is not supported by ganeti-kvm; set spice_bind to "" and use '
-                          "vnc_bind_address for a graphical console", None, None),
+    # SPICE (see ganeti_kvm.qemu.spice); the node checks QEMU's -spice keys
+    c.HV_KVM_SPICE_BIND: (False, spice.is_bind,
+                          "must be an IP address or the name of a network interface", None,
+                          None),
     c.HV_KVM_SPICE_IP_VERSION: (False, lambda v: v in c.VALID_IP_VERSIONS,
                                 "must be 4 or 6 (or 0: any)", None, None),
+    c.HV_KVM_SPICE_PASSWORD_FILE: OPT_FILE_CHECK,
+    c.HV_KVM_SPICE_LOSSLESS_IMG_COMPR: ParamInSet(
+        False, c.HT_KVM_SPICE_VALID_LOSSLESS_IMG_COMPR_OPTIONS),
+    c.HV_KVM_SPICE_JPEG_IMG_COMPR: ParamInSet(False, c.HT_KVM_SPICE_VALID_LOSSY_IMG_COMPR_OPTIONS),
+    c.HV_KVM_SPICE_ZLIB_GLZ_IMG_COMPR: ParamInSet(
+        False, c.HT_KVM_SPICE_VALID_LOSSY_IMG_COMPR_OPTIONS),
+    c.HV_KVM_SPICE_STREAMING_VIDEO_DETECTION: ParamInSet(
+        False, c.HT_KVM_SPICE_VALID_VIDEO_STREAM_DETECTION_OPTIONS),
+    c.HV_KVM_SPICE_AUDIO_COMPR: NO_CHECK,
+    c.HV_KVM_SPICE_USE_TLS: NO_CHECK,
+    c.HV_KVM_SPICE_TLS_CIPHERS: (False, spice.is_tls_ciphers,
+                                 "must be an OpenSSL cipher list (e.g. HIGH:-DES:-3DES) of "
+                                 "letters, digits and : + ! @ = _ . , - and spaces", None, None),
+    c.HV_KVM_SPICE_USE_VDAGENT: NO_CHECK,
     c.HV_KVM_FLOPPY_IMAGE_PATH: OPT_FILE_CHECK,
     c.HV_CDROM_IMAGE_PATH: OPT_FILE_CHECK,
     c.HV_KVM_CDROM2_IMAGE_PATH: OPT_FILE_CHECK,
@@ -374,6 +383,8 @@ PARAMETERS: dict[str, Check] = {
                      "itself are refused: -" + ", -".join(sorted(peripherals.RESERVED_OPTIONS))
                      + ", -chardev with its ids, -serial with serial_console", None, None),
     c.HV_VNET_HDR: NO_CHECK,
+    c.HV_USE_GUEST_AGENT: NO_CHECK,
+    c.HV_KVM_USER_SHUTDOWN: NO_CHECK,
     c.HV_VIRTIO_NET_QUEUES: (True, lambda v: isinstance(v, int) and not isinstance(v, bool)
                              and 0 < v <= c.MAX_VIRTIO_NET_QUEUES,
                              f"must be a whole number from 1 to {c.MAX_VIRTIO_NET_QUEUES}",
@@ -416,10 +427,11 @@ def check_all_syntax(hvparams: Mapping[str, Any]) -> None:
     check_syntax(hvparams)
 
 
-def check_all_node(hvparams: Mapping[str, Any], caps: Any) -> None:
+def check_all_node(hvparams: Mapping[str, Any], caps: Any,
+                   spice_tls: spice.TlsFiles | None = None) -> None:
     """The whole node check: the table's files and directories, then :func:`check_node`."""
     apply_node_checks(PARAMETERS, hvparams)
-    check_node(hvparams, caps)
+    check_node(hvparams, caps, spice_tls=spice_tls)
 
 
 def _others(allowed: frozenset[str], but: str) -> str:
@@ -498,6 +510,7 @@ def check_syntax(hvparams: Mapping[str, Any]) -> None:
              f"{c.HV_SECURITY_MODEL} is {model!r} but {c.HV_SECURITY_DOMAIN} is "
              f"{hvparams[c.HV_SECURITY_DOMAIN]!r}; set {c.HV_SECURITY_DOMAIN} to \"\", or "
              f"{c.HV_SECURITY_MODEL} to {c.HT_SM_USER!r} to run QEMU as that user")
+    spice.check_syntax(hvparams)
     # the reserved options, naming the one found (serial_console decides -serial)
     peripherals.kvm_extra_argv(hvparams[c.HV_KVM_EXTRA], bool(hvparams[c.HV_SERIAL_CONSOLE]))
     nic_type = hvparams[c.HV_NIC_TYPE]
@@ -515,8 +528,12 @@ def check_syntax(hvparams: Mapping[str, Any]) -> None:
 
 
 def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev/vhost-net",
-               kvm_device: str = "/dev/kvm") -> None:
-    """What only this node can tell: users, devices, files and QEMU's abilities."""
+               kvm_device: str = "/dev/kvm", spice_tls: spice.TlsFiles | None = None) -> None:
+    """What only this node can tell: users, devices, files and QEMU's abilities.
+
+    ``spice_tls`` are the node's SPICE certificate files, if its cluster
+    manager keeps some (see :class:`ganeti_kvm.qemu.spice.TlsFiles`).
+    """
     def fail(message: str) -> None:
         raise errors.ParameterError(message)
 
@@ -571,6 +588,7 @@ def check_node(hvparams: Mapping[str, Any], caps: Any, vhost_device: str = "/dev
     password_file = hvparams[c.HV_VNC_PASSWORD_FILE]
     if password_file:
         read_vnc_password(password_file)
+    check_node_spice(hvparams, caps, spice_tls)
     check_node_cpu(hvparams, caps)
     if hvparams.get(c.HV_KVM_DISK_AIO) == c.HT_KVM_AIO_IO_URING:
         check_io_uring(caps)
@@ -672,15 +690,108 @@ def _needed_devices(hvparams: Mapping[str, Any]) -> set[str]:
     return devices
 
 
-def read_vnc_password(path: str) -> str:
-    """The VNC password: the first line of ``path``; never logged or put in errors."""
+def read_vnc_password(path: str, what: str = "VNC") -> str:
+    """The VNC password: the first line of ``path``; never logged or put in errors.
+
+    ``what`` names the display in errors (the SPICE password is read alike).
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             password = handle.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as err:
         raise errors.ParameterError(
-            f"Cannot read the VNC password file {path}: "
+            f"Cannot read the {what} password file {path}: "
             f"{err.strerror if isinstance(err, OSError) else 'not UTF-8 text'}") from None
     if not password:
-        raise errors.ParameterError(f"The VNC password file {path} is empty")
+        raise errors.ParameterError(f"The {what} password file {path} is empty")
     return password
+
+
+def read_spice_password(path: str) -> str:
+    """The SPICE password: the first line of ``path``; never logged or put in errors."""
+    return read_vnc_password(path, "SPICE")
+
+
+def resolve_spice_bind(hvparams: Mapping[str, Any]) -> str | None:
+    """The IP address QEMU's SPICE server listens on for ``spice_bind`` on this node.
+
+    None without SPICE; ``spice_bind`` itself if it is an address; else the
+    address of that interface of the version ``spice_ip_version`` asks for
+    (ParameterError naming the key if the node has no such interface or
+    address).
+    """
+    bind = hvparams.get(c.HV_KVM_SPICE_BIND) or ""
+    if not bind:
+        return None
+    if spice.ip_literal(bind) is not None:
+        return str(bind)
+    version = hvparams.get(c.HV_KVM_SPICE_IP_VERSION) or c.IFACE_NO_IP_VERSION_SPECIFIED
+    return ifaddr.interface_address(bind, version, c.HV_KVM_SPICE_BIND)[0]
+
+
+def check_node_spice(hvparams: Mapping[str, Any], caps: Any,
+                     tls: spice.TlsFiles | None = None) -> None:
+    """SPICE against this node: QEMU's -spice keys (asked over QMP when probed), the
+    agent's chardev and devices, the interface, the certificates, the password file."""
+    if not spice.enabled(hvparams):
+        return
+    bind = hvparams[c.HV_KVM_SPICE_BIND]
+
+    def fail(key: str, message: str) -> None:
+        raise errors.ParameterError(message, key, hvparams.get(key))
+
+    if not caps.has_spice:
+        fail(c.HV_KVM_SPICE_BIND,
+             f"{c.HV_KVM_SPICE_BIND} is {bind!r} but QEMU {caps.path} cannot run a SPICE "
+             "server (it refused -spice when probed: built without SPICE, or its SPICE "
+             f"module is not installed); set {c.HV_KVM_SPICE_BIND} to \"\" (and use "
+             f"{c.HV_VNC_BIND_ADDRESS}), or set {c.HV_KVM_PATH} to a QEMU with SPICE")
+    for qemu_key, key in spice.spice_keys(hvparams).items():
+        if not caps.has_spice_key(qemu_key):
+            fail(key, f"{key} needs QEMU's -spice {qemu_key}=, which QEMU {caps.path} does "
+                      f"not have (its -spice keys: {', '.join(sorted(caps.spice_keys))}); "
+                      f"reset {key}, or set {c.HV_KVM_PATH} to a QEMU that has it")
+    if spice.wants_agent(hvparams):
+        lacking = [d for d in (spice.VIRTIO_SERIAL_DEVICE, spice.PORT_DEVICE)
+                   if not caps.has_device(d)]
+        if not caps.has_chardev_backend(spice.SPICEVMC_BACKEND):
+            lacking.append(f"the {spice.SPICEVMC_BACKEND} chardev")
+        if lacking:
+            fail(c.HV_KVM_SPICE_USE_VDAGENT,
+                 f"{c.HV_KVM_SPICE_USE_VDAGENT} is true but QEMU {caps.path} lacks "
+                 f"{', '.join(lacking)}; set {c.HV_KVM_SPICE_USE_VDAGENT} to false")
+    if not hvparams.get(c.HV_VGA) and not caps.has_device(peripherals.VGA_DEVICES[c.HT_VGA_QXL]):
+        fail(c.HV_VGA, f"SPICE gets a qxl adapter when {c.HV_VGA} is empty, but QEMU "
+                       f"{caps.path} has no {peripherals.VGA_DEVICES[c.HT_VGA_QXL]} device; "
+                       f"set {c.HV_VGA} to another adapter (e.g. std)")
+    resolve_spice_bind(hvparams)
+    if hvparams.get(c.HV_KVM_SPICE_USE_TLS):
+        if tls is None:
+            fail(c.HV_KVM_SPICE_USE_TLS,
+                 f"{c.HV_KVM_SPICE_USE_TLS} is true but this node has no SPICE certificate "
+                 "files (the cluster manager's adapter passes them); set it to false")
+        else:
+            missing = sorted({p for p in (tls.cacert, tls.cert, tls.key)
+                              if not os.path.isfile(p)})
+            if missing:
+                fail(c.HV_KVM_SPICE_USE_TLS,
+                     f"{c.HV_KVM_SPICE_USE_TLS} is true but this node lacks the SPICE "
+                     f"certificate file(s) {', '.join(missing)}; create them (gnt-cluster "
+                     "renew-crypto --new-spice-certificate) or set it to false")
+        _check_ciphers(hvparams.get(c.HV_KVM_SPICE_TLS_CIPHERS) or "")
+    password_file = hvparams.get(c.HV_KVM_SPICE_PASSWORD_FILE)
+    if password_file:
+        read_spice_password(password_file)
+
+
+def _check_ciphers(ciphers: str) -> None:
+    """Refuse a cipher list that this node's OpenSSL matches no cipher with."""
+    if not ciphers:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+    except ssl.SSLError as err:
+        raise errors.ParameterError(
+            f"{c.HV_KVM_SPICE_TLS_CIPHERS} {ciphers!r} selects no cipher of this node's "
+            f"OpenSSL ({err}); give an OpenSSL cipher list such as "
+            f"{c.SPICE_DEFAULT_TLS_CIPHERS}", c.HV_KVM_SPICE_TLS_CIPHERS, ciphers) from None

@@ -63,6 +63,12 @@ class RuntimeRecord:
     # The memory (MiB) the balloon was last set to while this QEMU runs;
     # None: the full memory (never ballooned since QEMU started).
     balloon_memory: int | None = None
+    # The guest agent's virtio-serial controller (a DeviceId's dict), given at
+    # a start with use_guest_agent; None: no guest agent channel.
+    guest_agent: dict[str, Any] | None = None
+    # The SPICE agent's virtio-serial controller (a DeviceId's dict), given at
+    # a start with spice_bind and spice_use_vdagent; None: no such channel.
+    spice_agent: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, with its kind and version."""
@@ -86,6 +92,8 @@ class RuntimeRecord:
             UPGRADED_KEY: self.upgraded_from,
             "balloon": self.balloon,
             "balloon_memory": self.balloon_memory,
+            "guest_agent": self.guest_agent,
+            "spice_agent": self.spice_agent,
         }
 
     def serialize(self) -> str:
@@ -138,7 +146,12 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
             uuid=data.get("uuid"), network_port=data.get("network_port"), machine=machine,
             upgraded_from=_upgraded_from(data.get(UPGRADED_KEY), bad),
             balloon=_balloon(data.get("balloon"), name, source),
-            balloon_memory=_balloon_memory(data.get("balloon_memory"), bad)), source)
+            balloon_memory=_balloon_memory(data.get("balloon_memory"), bad),
+            guest_agent=_device(data.get("guest_agent"),
+                                f"the guest agent channel of instance {name} ({source})"),
+            spice_agent=_device(data.get("spice_agent"),
+                                f"the SPICE agent channel of instance {name} ({source})")),
+            source)
     except (TypeError, ValueError, AttributeError) as err:
         raise bad(str(err)) from err
 
@@ -165,6 +178,11 @@ def _balloon(value: Any, name: str, source: str) -> dict[str, Any] | None:
     if value is None:
         return None
     return devices.DeviceId.from_dict(value, f"the balloon of instance {name} ({source})").to_dict()
+
+
+def _device(value: Any, what: str) -> dict[str, Any] | None:
+    """A device identity kept in a record (checked), or None if it has none."""
+    return None if value is None else devices.DeviceId.from_dict(value, what).to_dict()
 
 
 def _balloon_memory(value: Any, bad: Any) -> int | None:

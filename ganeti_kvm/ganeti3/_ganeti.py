@@ -11,6 +11,7 @@ stand-ins below keep the same names and fields.
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any, ClassVar
 
 from ganeti_kvm import errors
@@ -22,8 +23,18 @@ try:
     from ganeti.hypervisor import hv_base as ganeti_hv_base  # type: ignore[import-not-found,unused-ignore]
 except ImportError:
     ganeti_constants = ganeti_errors = ganeti_objects = ganeti_hv_base = None
+try:
+    from ganeti import pathutils as ganeti_pathutils  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    ganeti_pathutils = None
 
 HAVE_GANETI = ganeti_hv_base is not None
+
+# Where Ganeti keeps the SPICE certificates (its pathutils): the CA, and the
+# server's certificate with its key in one PEM file.  Ganeti's defaults without it.
+SPICE_CACERT_FILE: str = getattr(ganeti_pathutils, "SPICE_CACERT_FILE",
+                                 "/var/lib/ganeti/spice-ca.pem")
+SPICE_CERT_FILE: str = getattr(ganeti_pathutils, "SPICE_CERT_FILE", "/var/lib/ganeti/spice.pem")
 
 # Ganeti's console kinds (its constants.CONS_*)
 CONS_SSH = "ssh"
@@ -142,3 +153,36 @@ else:
     HotplugError = _HotplugError
     InstanceConsole = _InstanceConsole
     MigrationStatus = _MigrationStatus
+
+
+# Ganeti's name of the daemon that tells a guest's own power-off from a stop
+KVMD = "ganeti-kvmd"
+KVMD_START_TIMEOUT = 60.0
+
+
+def start_kvmd() -> str | None:
+    """Start Ganeti's ganeti-kvmd unless it runs, as Ganeti's driver does for an
+    instance with ``user_shutdown``: through Ganeti's ``daemon-util start``.
+
+    None once it runs, or without Ganeti (nothing to start); else what went
+    wrong, in daemon-util's words.  kvmd itself exits at once unless the
+    cluster has user shutdown enabled (``gnt-cluster modify --user-shutdown``).
+    """
+    if not HAVE_GANETI:
+        return None
+    from ganeti import utils as ganeti_utils  # type: ignore[import-not-found,unused-ignore]
+
+    name = getattr(ganeti_constants, "KVMD", KVMD)
+    if ganeti_utils.IsDaemonAlive(name):
+        return None
+    daemon_util = getattr(ganeti_pathutils, "DAEMON_UTIL", "/usr/lib/ganeti/daemon-util")
+    try:
+        result = subprocess.run([daemon_util, "start", name], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=KVMD_START_TIMEOUT,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{daemon_util} start {name} failed: {err}"
+    if result.returncode != 0:
+        said = (result.stderr or result.stdout).strip()[-500:]
+        return f"{daemon_util} start {name} exited with {result.returncode}: {said}"
+    return None

@@ -22,13 +22,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from ganeti_kvm import errors
+from ganeti_kvm.core import hotplug
 from ganeti_kvm.core import migration as core_migration
 from ganeti_kvm.core import names as c
 from ganeti_kvm.core import params as core_params
 from ganeti_kvm.core.node import InstanceSpec, KvmNode
 from ganeti_kvm.ganeti3 import _ganeti, bundled, migration, params
 from ganeti_kvm.host import nodeinfo, paths
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, spice
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,61 @@ def block_devices_of(block_devices: Any) -> list[cmdline.BlockDevice]:
     if its storage is (see :func:`_on_shared_storage`)."""
     entries = list(block_devices or [])
     disks = cmdline.normalize_block_devices(entries)
-    return [dataclasses.replace(d, shared=_on_shared_storage(entry[0]))
+    return [dataclasses.replace(d, shared=_on_shared_storage(entry[0]),
+                                uuid=_str_or_none(_attr(entry[0], "uuid")))
             for d, entry in zip(disks, entries, strict=True)]
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# Ganeti's hotplug actions and targets (constants.HOTPLUG_ACTION_*, HOTPLUG_TARGET_*)
+_HOTPLUG_ACTIONS = {"hotadd": hotplug.ADD, "hotremove": hotplug.REMOVE,
+                    "hotmod": hotplug.MODIFY}
+_HOTPLUG_TARGETS = {"disk": hotplug.DISK, "nic": hotplug.NIC}
+
+
+def _as_hotplug_errors(func: F) -> F:
+    """Raise the library's errors as Ganeti's ``HotplugError`` (the cause kept)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except errors.GenericError as err:
+            if isinstance(err, _ganeti.HotplugError):
+                raise
+            raise _ganeti.HotplugError(str(err)) from err
+    return wrapper  # type: ignore[return-value]
+
+
+def _hotplug_kind(instance: Any, action: str, dev_type: str) -> tuple[str, str]:
+    """The core's ``(kind, action)`` for Ganeti's ``dev_type`` and ``action``."""
+    kind, verb = _HOTPLUG_TARGETS.get(dev_type), _HOTPLUG_ACTIONS.get(action)
+    if kind is None or verb is None:
+        raise errors.HotplugError(
+            f"Cannot hotplug on instance {_attr(instance, 'name')}: unknown action "
+            f"{action!r} or device type {dev_type!r} (Ganeti sends "
+            f"{', '.join(sorted(_HOTPLUG_ACTIONS))} of {', '.join(sorted(_HOTPLUG_TARGETS))})")
+    return kind, verb
+
+
+def _hotplug_nic(instance: Any, device: Any) -> dict[str, Any]:
+    """Ganeti's NIC ``device`` as the core's NIC dict, its nicparams filled from the
+    instance's NIC of the same uuid (the RPC fills the instance's, not the device's)."""
+    nic = _nic_dict(device)
+    for known in _attr(instance, "nics") or []:
+        other = _nic_dict(known)
+        if nic.get("uuid") is not None and other.get("uuid") == nic.get("uuid"):
+            nic["nicparams"] = {**other["nicparams"], **nic["nicparams"]}
+    return nic
+
+
+def spice_tls_files() -> spice.TlsFiles:
+    """Ganeti's SPICE certificate files (``spice_use_tls``): the CA, and one PEM
+    file holding the server's certificate and key."""
+    return spice.TlsFiles(cacert=_ganeti.SPICE_CACERT_FILE, cert=_ganeti.SPICE_CERT_FILE,
+                          key=_ganeti.SPICE_CERT_FILE)
 
 
 def instance_spec(instance: Any, block_devices: Any = ()) -> InstanceSpec:
@@ -139,9 +193,10 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
 
     def __init__(self, run_dir: str | None = None, uid_pool: str | None = None,
                  socat_path: str = c.SOCAT_PATH, ifup_script: str = c.KVM_IFUP,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, spice_tls: spice.TlsFiles | None = None) -> None:
         self.node = KvmNode(run_dir or paths.default_run_dir(), uid_pool=uid_pool,
-                            socat_path=socat_path, ifup_script=ifup_script, netns=netns)
+                            socat_path=socat_path, ifup_script=ifup_script, netns=netns,
+                            spice_tls=spice_tls or spice_tls_files())
 
     # --- parameters ------------------------------------------------------------
 
@@ -162,7 +217,8 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
         """:meth:`CheckParameterSyntax`, then files, users, devices and QEMU's abilities."""
         cls.CheckParameterSyntax(hvparams)
         core_params.apply_node_checks(cls.PARAMETERS, hvparams)
-        KvmNode(paths.default_run_dir()).check_params(params.to_core(hvparams))
+        KvmNode(paths.default_run_dir(), spice_tls=spice_tls_files()).check_params(
+            params.to_core(hvparams))
 
     @classmethod
     def AssessParameters(cls, hvparams: Mapping[str, Any]) -> list[str]:
@@ -175,9 +231,25 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     def StartInstance(self, instance: Any, block_devices: Any, startup_paused: bool) -> None:
         """Start ``instance``; returns when QEMU runs and answers on its monitor.
 
-        ``block_devices`` are Ganeti's ``(disk, link, uri)`` triples.
+        ``block_devices`` are Ganeti's ``(disk, link, uri)`` triples.  With
+        ``user_shutdown``, Ganeti's ganeti-kvmd is started first if it does not
+        run (see :meth:`_start_kvmd`).
         """
-        self.node.start(instance_spec(instance, block_devices), paused=bool(startup_paused))
+        spec = instance_spec(instance, block_devices)
+        if spec.hvparams.get(c.HV_KVM_USER_SHUTDOWN):
+            self._start_kvmd(spec.name)
+        self.node.start(spec, paused=bool(startup_paused))
+
+    @staticmethod
+    def _start_kvmd(name: str) -> None:
+        """Make sure ganeti-kvmd runs: it tells instance ``name``'s own power-off
+        (Ganeti's USER_down) from a stop, on the monitor ``user_shutdown`` adds."""
+        problem = _ganeti.start_kvmd()
+        if problem is not None:
+            raise errors.HypervisorError(
+                f"Cannot start instance {name} with user_shutdown: Ganeti's ganeti-kvmd "
+                f"does not run and could not be started ({problem}); check "
+                "/var/log/ganeti/kvm-daemon.log, or set user_shutdown to false")
 
     def VerifyInstance(self, instance: Any) -> bool:
         """Whether the running instance matches its configuration: always, so far."""
@@ -248,7 +320,11 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     @staticmethod
     def _ganeti_tuple(info: Any) -> tuple[str, int, int, int, int, int]:
         # The QEMU process lives (running, paused or not answering): Ganeti's
-        # RUNNING.  SHUTDOWN is for user_shutdown, which is not implemented.
+        # RUNNING.  SHUTDOWN: QEMU is gone after the guest powered itself off
+        # (user_shutdown, ganeti-kvmd's marker): Ganeti shows USER_down, or
+        # ERROR_down where the cluster or the instance has user shutdown off.
+        if info.state == c.HV_STATE_USER_DOWN:
+            return (info.name, -1, 0, 0, _ganeti.HvInstanceState.SHUTDOWN, 0)
         return (info.name, info.pid, info.memory, info.vcpus,
                 _ganeti.HvInstanceState.RUNNING, int(info.cpu_time))
 
@@ -260,14 +336,19 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
     @_as_ganeti_errors
     def GetInstanceInfo(self, instance_name: str,
                         hvparams: Mapping[str, Any] | None = None) -> tuple | None:
-        """``(name, pid, memory, vcpus, HvInstanceState, cpu_seconds)``, or None."""
-        info = self.node.info(instance_name)
+        """``(name, pid, memory, vcpus, HvInstanceState, cpu_seconds)``, or None.
+
+        An instance whose guest powered itself off, as ganeti-kvmd saw it
+        (``user_shutdown``), is ``(name, -1, 0, 0, SHUTDOWN, 0)`` until it is
+        started, stopped or cleaned up, as with Ganeti's own driver.
+        """
+        info = self.node.info(instance_name, user_down=True)
         return self._ganeti_tuple(info) if info else None
 
     @_as_ganeti_errors
     def GetAllInstancesInfo(self, hvparams: Mapping[str, Any] | None = None) -> list[tuple]:
-        """:meth:`GetInstanceInfo` for every running instance."""
-        return [self._ganeti_tuple(info) for info in self.node.all_info()]
+        """:meth:`GetInstanceInfo` for every running or user-shut-down instance."""
+        return [self._ganeti_tuple(info) for info in self.node.all_info(user_down=True)]
 
     # --- node ------------------------------------------------------------------
 
@@ -339,6 +420,13 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
             vnc_host = host if address == c.IP4_ADDRESS_ANY else address
             return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_VNC, host=vnc_host,
                                            port=port, display=port - c.VNC_BASE_PORT)
+        bind = hvp.get(c.HV_KVM_SPICE_BIND) or ""
+        if bind and isinstance(port, int) and not isinstance(port, bool) and port > 0:
+            # a wildcard or an interface (whose address is the node's): reach the node
+            literal = spice.ip_literal(bind)
+            spice_host = bind if literal is not None and not literal.is_unspecified else host
+            return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_SPICE,
+                                           host=spice_host, port=port)
         return _ganeti.InstanceConsole(instance=name, kind=_ganeti.CONS_MESSAGE,
                                        message=f"No serial shell for instance {name}")
 
@@ -354,6 +442,7 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
         """The serialized runtime record of the running instance, for its target."""
         name = _name(instance)
         self._adopt(name)
+        hotplug.settle(self.node, name)  # the target gets the devices QEMU still has
         return core_migration.migration_info(self.node, name)
 
     @_as_ganeti_errors
@@ -398,34 +487,58 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
         """Give the running ``instance`` ``mem`` MiB through its virtio-balloon device."""
         self.node.balloon(_name(instance), mem)
 
-    # --- not yet: hotplug, disk resize -----------------------------------------
+    # --- hotplug (see ganeti_kvm.core.hotplug) -----------------------------------
 
+    @_as_hotplug_errors
     def HotplugSupported(self, instance: Any) -> None:
-        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
-        raise _ganeti.HotplugError(
-            f"Hotplug {_NOT_YET} (instance {_attr(instance, 'name')}); "
-            "change devices with a restart (omit --hotplug)")
+        """``HotplugError`` unless the instance runs under a QEMU that can hotplug."""
+        hotplug.check_supported(self.node, _name(instance))
 
+    @_as_hotplug_errors
     def VerifyHotplugSupport(self, instance: Any, action: str, dev_type: str) -> None:
-        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
-        raise _ganeti.HotplugError(
-            f"Hotplug ({action} {dev_type}) {_NOT_YET} (instance "
-            f"{_attr(instance, 'name')}); change devices with a restart (omit --hotplug)")
+        """``HotplugError`` unless ``action`` (hotadd, hotremove, hotmod) on a
+        ``dev_type`` (disk, nic) device of the running instance can be done."""
+        kind, verb = _hotplug_kind(instance, action, dev_type)
+        hotplug.check_supported(self.node, _name(instance), kind, verb)
 
+    @_as_hotplug_errors
     def HotAddDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
-                     seq: int) -> Any:
-        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
-        self.VerifyHotplugSupport(instance, "add", dev_type)
+                     seq: int) -> None:
+        """Add Ganeti's disk or NIC ``device`` as device ``seq`` of the running instance.
 
+        For a disk ``extra`` is ``(link, uri)``, the assembled disk's path.
+        """
+        kind, _ = _hotplug_kind(instance, "hotadd", dev_type)
+        name = _name(instance)
+        if kind == hotplug.NIC:
+            hotplug.add_nic(self.node, name, _hotplug_nic(instance, device), seq)
+            return
+        if not isinstance(extra, (list, tuple)) or len(extra) != 2:
+            raise errors.HotplugError(
+                f"Cannot hotplug a disk of instance {name}: Ganeti sent {extra!r} instead of "
+                "the assembled disk's (link, uri); activate the instance's disks and retry")
+        (disk,) = block_devices_of([(device, extra[0], extra[1])])
+        hotplug.add_disk(self.node, name, disk, seq)
+
+    @_as_hotplug_errors
     def HotDelDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
-                     seq: int) -> Any:
-        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
-        self.VerifyHotplugSupport(instance, "remove", dev_type)
+                     seq: int) -> None:
+        """Remove Ganeti's disk or NIC ``device`` (by its uuid, else ``seq``)."""
+        kind, _ = _hotplug_kind(instance, "hotremove", dev_type)
+        remove = hotplug.remove_nic if kind == hotplug.NIC else hotplug.remove_disk
+        remove(self.node, _name(instance), _str_or_none(_attr(device, "uuid")), seq)
 
+    @_as_hotplug_errors
     def HotModDevice(self, instance: Any, dev_type: str, device: Any, extra: Any,
-                     seq: int) -> Any:
-        """Raises Ganeti's ``HotplugError``: hotplug is not supported yet."""
-        self.VerifyHotplugSupport(instance, "modify", dev_type)
+                     seq: int) -> None:
+        """Apply a changed NIC ``device`` (MAC, IP, mode, link): Ganeti changes no disk."""
+        kind, verb = _hotplug_kind(instance, "hotmod", dev_type)
+        name = _name(instance)
+        problem = hotplug.device_type_problem({}, kind, verb) if kind == hotplug.DISK else None
+        if problem:
+            raise errors.HotplugError(f"Cannot change a disk of instance {name} by hotplug: "
+                                      f"{problem}; change it with a restart")
+        hotplug.modify_nic(self.node, name, _hotplug_nic(instance, device), seq)
 
     def ResizeDisk(self, instance: Any, disk: Any, new_size: int) -> None:
         """Telling QEMU of a grown disk (Ganeti 3.1): not supported yet (``HotplugError``)."""

@@ -33,6 +33,8 @@ _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the final NUL
 
 # The suffix of the longest socket file name: NAME + ".serial"
 _LONGEST_SOCKET_SUFFIX = ".serial"
+# ganeti-kvmd's marker of a guest's own power-off: ctrl/NAME.shutdown
+SHUTDOWN_MARKER_SUFFIX = ".shutdown"
 
 
 def check_instance_name(name: object) -> str:
@@ -132,6 +134,34 @@ class InstancePaths:
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".monitor")
 
     @property
+    def kvmd_socket(self) -> str:
+        """A QMP monitor for Ganeti's ganeti-kvmd (``user_shutdown``), named as Ganeti
+        names it: kvmd watches the ``ctrl`` directory for ``*.kvmd`` sockets, reads
+        their events and tells a guest's own power-off from an administrator's stop
+        (it writes :attr:`shutdown_marker`).  Never used by the library itself."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".kvmd")
+
+    @property
+    def kvmd_bind_socket(self) -> str:
+        """Where QEMU creates :attr:`kvmd_socket`; the library links it to its name
+        once QEMU listens.  kvmd connects to a ``*.kvmd`` socket the moment the
+        file appears, which QEMU's bind does before its listen: kvmd's connect
+        would then be refused, and kvmd never tries again."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".kvmdl")
+
+    @property
+    def shutdown_marker(self) -> str:
+        """The file ganeti-kvmd writes when the guest powered itself off (Ganeti's
+        name); removed by every start, stop and clean-up the administrator asks for."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + SHUTDOWN_MARKER_SUFFIX)
+
+    @property
+    def guest_agent_socket(self) -> str:
+        """The host end of the QEMU guest agent's virtio-serial channel
+        (``use_guest_agent``; Ganeti's name)."""
+        return os.path.join(self.run_dir.ctrl_dir, self.name + ".qga")
+
+    @property
     def serial_socket(self) -> str:
         return os.path.join(self.run_dir.ctrl_dir, self.name + _LONGEST_SOCKET_SUFFIX)
 
@@ -164,4 +194,5 @@ class InstancePaths:
     def runtime_files(self) -> list[str]:
         """Files that a stopped instance may leave behind."""
         return [self.pidfile, self.qmp_socket, self.qmp_long_socket, self.monitor_socket,
-                self.serial_socket, self.qemu_log, self.migration_state]
+                self.serial_socket, self.qemu_log, self.migration_state, self.kvmd_socket,
+                self.kvmd_bind_socket, self.guest_agent_socket]

@@ -42,7 +42,7 @@ PROBE_TIMEOUT = 20.0
 
 #: Format of the on-disk cache document.  Bump it whenever a parser changes
 #: what it extracts, so that caches written by an older library are re-probed.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 CACHE_KIND = "ganeti-kvm-qemu-caps"
 CACHE_PREFIX = "qemu-caps-"
 
@@ -121,6 +121,11 @@ class QemuCaps:
     # Disk AIO modes beyond threads and native that this QEMU opened a file
     # with when probed (``io_uring``); see :func:`probe_aio_modes`.
     aio_modes: frozenset[str] = frozenset()
+    # The keys of -spice (QMP query-command-line-options), empty if this QEMU
+    # cannot run a SPICE server; see :func:`probe_spice`.
+    spice_keys: frozenset[str] = frozenset()
+    # The chardev backends (QMP query-chardev-backends) once SPICE's are loaded
+    chardev_backends: frozenset[str] = frozenset()
 
     # --- generic questions -----------------------------------------------------------------
 
@@ -147,6 +152,19 @@ class QemuCaps:
     def has_cpu_model(self, name: str) -> bool:
         """Whether ``-cpu name`` names a CPU model of this QEMU (``qemu64``, ``max``...)."""
         return name in self.cpu_models
+
+    @property
+    def has_spice(self) -> bool:
+        """Whether this QEMU can run a SPICE server (``-spice``)."""
+        return bool(self.spice_keys)
+
+    def has_spice_key(self, name: str) -> bool:
+        """Whether ``-spice`` takes the key ``name`` (``tls-ciphers``, ``streaming-video``)."""
+        return name in self.spice_keys
+
+    def has_chardev_backend(self, name: str) -> bool:
+        """Whether ``-chardev name,...`` names a backend (``spicevmc``, ``socket``)."""
+        return name in self.chardev_backends
 
     def has_netdev_backend(self, name: str) -> bool:
         """Whether ``-netdev name,...`` names a network backend type (``tap``, ``bridge``)."""
@@ -291,6 +309,8 @@ class QemuCaps:
             "tap_vhost": self.tap_vhost,
             "cpu_models": sorted(self.cpu_models),
             "aio_modes": sorted(self.aio_modes),
+            "spice_keys": sorted(self.spice_keys),
+            "chardev_backends": sorted(self.chardev_backends),
         }
 
     @classmethod
@@ -321,6 +341,8 @@ class QemuCaps:
                 tap_vhost=_flag(data.get("tap_vhost", False)),
                 cpu_models=_names(data.get("cpu_models", ())),
                 aio_modes=_names(data.get("aio_modes", ())),
+                spice_keys=_names(data.get("spice_keys", ())),
+                chardev_backends=_names(data.get("chardev_backends", ())),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"Invalid QEMU capabilities record: {err!r}") from err
@@ -717,6 +739,8 @@ def _probe_binary(path: str, timeout: float) -> QemuCaps:
             f"Cannot probe QEMU binary {path}: {path} -version printed no version: {err}") from err
     caps = dataclasses.replace(caps, aio_modes=probe_aio_modes(
         path, max(1.0, timeout - (time.monotonic() - started))))
+    spice_keys, backends = probe_spice(path, max(1.0, timeout - (time.monotonic() - started)))
+    caps = dataclasses.replace(caps, spice_keys=spice_keys, chardev_backends=backends)
     logger.info("Probed %s: QEMU %s, %d options, %d devices in %.3f s", path,
                 ".".join(map(str, caps.version)), len(caps.options), len(caps.devices),
                 time.monotonic() - started)
@@ -726,8 +750,13 @@ def _probe_binary(path: str, timeout: float) -> QemuCaps:
 #: Disk AIO modes a QEMU may lack (built without liburing, or a kernel that refuses it)
 PROBED_AIO_MODES = ("io_uring",)
 _QUIT = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
-#: Processes one uncached probe runs: the help commands, then one per probed AIO mode
-PROBE_PROCESSES = len(PROBE_COMMANDS) + len(PROBED_AIO_MODES)
+#: Processes one uncached probe runs: the help commands, one per probed AIO mode, SPICE's
+PROBE_PROCESSES = len(PROBE_COMMANDS) + len(PROBED_AIO_MODES) + 1
+#: What the SPICE probe asks over QMP
+SPICE_PROBE_INPUT = (b'{"execute": "qmp_capabilities"}\n'
+                     b'{"execute": "query-command-line-options", '
+                     b'"arguments": {"option": "spice"}}\n'
+                     b'{"execute": "query-chardev-backends"}\n{"execute": "quit"}\n')
 
 
 def aio_probe_argv(path: str, mode: str) -> list[str]:
@@ -760,6 +789,58 @@ def probe_aio_modes(path: str, timeout: float = PROBE_TIMEOUT) -> frozenset[str]
             logger.info("QEMU %s cannot open disks with aio=%s: %s", path, mode,
                         result.stderr.decode("utf-8", "replace").strip()[:300])
     return frozenset(found)
+
+
+def spice_probe_argv(path: str) -> list[str]:
+    """A QEMU with no machine, a SPICE server on no port and a ``spicevmc`` chardev.
+
+    QEMU loads its SPICE modules (Debian ships them apart) only for a
+    ``-spice`` on the command line, and only then does QMP list the keys
+    of ``-spice`` and the ``spicevmc`` backend; QMP on stdio quits it at
+    once.  It exits non-zero if this QEMU has no SPICE (or no spicevmc).
+    """
+    return [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+            "-S", "-qmp", "stdio", "-spice", "port=0,disable-ticketing=on",
+            "-chardev", "spicevmc,id=probe0,name=vdagent"]
+
+
+def parse_spice_probe(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The ``-spice`` keys and the chardev backends from the SPICE probe's QMP output."""
+    keys: frozenset[str] = frozenset()
+    backends: frozenset[str] = frozenset()
+    for line in _lines(text):
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            continue
+        answer = reply.get("return") if isinstance(reply, dict) else None
+        if not isinstance(answer, list):
+            continue
+        options = [o for o in answer if isinstance(o, dict) and o.get("option") == "spice"]
+        if options and isinstance(options[0].get("parameters"), list):
+            keys = frozenset(str(p["name"]) for p in options[0]["parameters"]
+                             if isinstance(p, dict) and isinstance(p.get("name"), str))
+        elif answer and all(isinstance(b, dict) and "option" not in b for b in answer):
+            backends = frozenset(str(b["name"]) for b in answer
+                                 if isinstance(b.get("name"), str))
+    return keys, backends
+
+
+def probe_spice(path: str, timeout: float = PROBE_TIMEOUT) -> tuple[frozenset[str],
+                                                                     frozenset[str]]:
+    """``(spice_keys, chardev_backends)`` of QEMU ``path``; empty if it cannot run SPICE."""
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    try:
+        result = subprocess.run(spice_probe_argv(path), input=SPICE_PROBE_INPUT,
+                                capture_output=True, env=env, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("Cannot probe SPICE of QEMU %s: %s", path, err)
+        return frozenset(), frozenset()
+    if result.returncode != 0:
+        logger.info("QEMU %s cannot run SPICE: %s", path,
+                    result.stderr.decode("utf-8", "replace").strip()[:300])
+        return frozenset(), frozenset()
+    return parse_spice_probe(result.stdout.decode("utf-8", "replace"))
 
 
 def run_probe_commands(path: str, commands: Mapping[str, Sequence[str]],

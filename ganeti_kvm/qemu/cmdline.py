@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
 from ganeti_kvm.host.paths import InstancePaths, check_instance_name
-from ganeti_kvm.qemu import cpu, devices, macaddr, peripherals
+from ganeti_kvm.qemu import cpu, devices, macaddr, peripherals, spice
 from ganeti_kvm.qemu.caps import DEFAULT_MACHINE, is_machine_name
 from ganeti_kvm.qemu.devices import DeviceId
 
@@ -69,6 +69,14 @@ SCSI_CONTROLLERS = {
     c.HT_SCSI_CONTROLLER_VIRTIO: "virtio-scsi-pci",
 }
 BALLOON_DEVICE = "virtio-balloon-pci"
+# The QEMU guest agent's channel (use_guest_agent): a virtio-serial controller
+# of its own with one port of the name qemu-ga looks for, on a socket chardev.
+GUEST_AGENT_BUS_DEVICE = "virtio-serial-pci"
+GUEST_AGENT_CHARDEV = "qga0"
+GUEST_AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+GUEST_AGENT_PORT_ID = "qga0-port"
+# The chardev of ganeti-kvmd's QMP monitor (user_shutdown)
+KVMD_CHARDEV = "kvmd"
 
 
 def disk_devices(hvp: Mapping[str, Any]) -> tuple[str, ...]:
@@ -208,6 +216,9 @@ class BlockDevice:
     # On storage other nodes reach too (the cluster manager's externally
     # mirrored disks): QEMU must not cache it, or a migration corrupts it.
     shared: bool = False
+    # The cluster manager's id of the disk (Ganeti's uuid), by which a later
+    # hotplug removal finds it; None if it has none.
+    uuid: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"path": self.path, "readonly": self.readonly, "uri": self.uri}
@@ -215,13 +226,17 @@ class BlockDevice:
             data[devices.DEVICE_KEY] = self.device.to_dict()
         if self.shared:
             data["shared"] = True
+        if self.uuid is not None:
+            data["uuid"] = self.uuid
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockDevice:
+        uuid = data.get("uuid")
         return cls(path=str(data["path"]), readonly=bool(data.get("readonly")),
                    uri=data.get("uri"), device=devices.identity_of(data, f"disk {data['path']}"),
-                   shared=data.get("shared") is True)
+                   shared=data.get("shared") is True,
+                   uuid=uuid if isinstance(uuid, str) else None)
 
 
 def normalize_block_devices(block_devices: Sequence[Any]) -> list[BlockDevice]:
@@ -262,6 +277,16 @@ class MachineSpec:
     # The virtio-balloon device's identity, kept in the record; None (a
     # record written before it existed): no balloon, as the instance runs.
     balloon: DeviceId | None = None
+    # The guest agent's virtio-serial controller (use_guest_agent), kept in the
+    # record like the balloon; None: no guest agent channel.
+    guest_agent: DeviceId | None = None
+    # SPICE (see ganeti_kvm.qemu.spice): the address the node resolved
+    # spice_bind to (None: spice_bind is an address), the node's certificate
+    # files, and the virtio-serial controller of the SPICE agent's channel
+    # (kept in the record; None: QEMU places it).
+    spice_address: str | None = None
+    spice_tls: spice.TlsFiles | None = None
+    spice_agent: DeviceId | None = None
 
 
 def vnc_display(network_port: int | None, name: str) -> int:
@@ -308,6 +333,7 @@ def _build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[st
         with contextlib.suppress(ValueError):
             argv += ["-uuid", str(_uuid.UUID(str(spec.uuid)))]
     argv += _monitors(paths)
+    argv += kvmd_monitor(hvp, paths)
     argv += _boot(hvp)
     argv += _disks(disks, hvp, caps, spec.name)
     ide_disks = len(disks) if hvp[c.HV_DISK_TYPE] == c.HT_DISK_IDE else 0
@@ -327,6 +353,7 @@ def _build_argv(spec: MachineSpec, disks: Sequence[BlockDevice], hvp: Mapping[st
     argv += _usb(hvp)
     argv += peripherals.sound_argv(hvp.get(c.HV_SOUNDHW) or "", caps)
     argv += _balloon(spec)
+    argv += guest_agent_argv(spec, hvp, paths)
     argv += _isolation(spec, hvp, caps, paths)
     # last, as Ganeti's: the operator's own options (see peripherals.kvm_extra_argv)
     argv += peripherals.kvm_extra_argv(hvp.get(c.HV_KVM_EXTRA) or "",
@@ -374,6 +401,42 @@ def _monitors(paths: InstancePaths) -> list[str]:
             "-mon", "chardev=qmpl,mode=control",
             "-chardev", _socket_chardev("hmp", paths.monitor_socket),
             "-mon", "chardev=hmp,mode=readline"]
+
+
+def kvmd_monitor(hvp: Mapping[str, Any], paths: InstancePaths) -> list[str]:
+    """ganeti-kvmd's QMP monitor at ``ctrl/NAME.kvmd`` when ``user_shutdown`` is on.
+
+    kvmd reads QEMU's events there to tell a guest's own power-off from an
+    administrator's stop (see :attr:`InstancePaths.kvmd_socket`).  Only then:
+    an instance without it costs nothing, and its power-off stays an error.
+    QEMU creates it under another name, linked to this one once QEMU
+    listens (see :attr:`InstancePaths.kvmd_bind_socket`).
+    ``.get``: records written before the key existed lack it.
+    """
+    if not hvp.get(c.HV_KVM_USER_SHUTDOWN):
+        return []
+    return ["-chardev", _socket_chardev(KVMD_CHARDEV, paths.kvmd_bind_socket),
+            "-mon", f"chardev={KVMD_CHARDEV},mode=control"]
+
+
+def guest_agent_argv(spec: MachineSpec, hvp: Mapping[str, Any],
+                     paths: InstancePaths) -> list[str]:
+    """The guest agent's channel when ``use_guest_agent`` is on and the record gave
+    its controller an identity: the socket ``ctrl/NAME.qga``, a virtio-serial
+    controller on its kept PCI slot and the port qemu-ga opens."""
+    if not hvp.get(c.HV_USE_GUEST_AGENT) or spec.guest_agent is None:
+        return []
+    ident = spec.guest_agent
+    problem = ident.problem()
+    if problem or ident.id is None:
+        raise errors.HypervisorError(
+            f"Instance {spec.name}'s guest agent channel has an identity QEMU cannot take: "
+            f"{problem or 'it has no id'}; stop the instance and start it again")
+    return ["-chardev", _socket_chardev(GUEST_AGENT_CHARDEV, paths.guest_agent_socket),
+            "-device", ",".join([GUEST_AGENT_BUS_DEVICE, *ident.options()]),
+            "-device", ",".join(["virtserialport", f"bus={ident.id}.0",
+                                 f"chardev={GUEST_AGENT_CHARDEV}", f"id={GUEST_AGENT_PORT_ID}",
+                                 f"name={GUEST_AGENT_PORT_NAME}"])]
 
 
 def _boot(hvp: Mapping[str, Any]) -> list[str]:
@@ -548,6 +611,11 @@ def _serial(hvp: Mapping[str, Any], paths: InstancePaths) -> list[str]:
 
 def _display(spec: MachineSpec, hvp: Mapping[str, Any], paths: InstancePaths) -> list[str]:
     address = hvp[c.HV_VNC_BIND_ADDRESS]
+    if spice.enabled(hvp) and not address:
+        # Ganeti's qxl adapter unless vga names another
+        return [*peripherals.vga_argv(hvp.get(c.HV_VGA) or c.HT_VGA_QXL),
+                *spice.spice_argv(hvp, spec.name, spec.network_port, spec.spice_address,
+                                  spec.spice_tls, spec.spice_agent)]
     if not address:
         return ["-display", "none", *peripherals.vga_argv(hvp.get(c.HV_VGA) or "")]
     if not isinstance(address, str):

@@ -72,7 +72,7 @@ _USB_HOST_ADDR_RE = re.compile(r"host:(\d{1,3})\.(\d{1,3})")
 _USB_HOST_ID_RE = re.compile(r"host:(?:0x)?([0-9a-fA-F]{4}):(?:0x)?([0-9a-fA-F]{4})")
 
 # The ids of the chardevs the library's command line defines (monitors, serial)
-OWN_CHARDEVS = frozenset(["qmp", "qmpl", "hmp", "serial0"])
+OWN_CHARDEVS = frozenset(["qmp", "qmpl", "hmp", "serial0", "kvmd", "qga0"])
 _TAKES_OVER = "the library's monitors are the only ones; another could change the VM behind "
 RESERVED_OPTIONS: dict[str, str] = {
     "daemonize": "the library daemonizes QEMU itself and waits for its pidfile",

@@ -24,12 +24,13 @@ The client is not thread-safe: use one instance per thread.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -110,6 +111,11 @@ class QmpClient:
         :class:`MonitorTimeout` if the connect, the greeting or the
         negotiation does not complete within the timeout.
         """
+        return self._open()
+
+    def _open(self, then: bytes = b"") -> dict[str, Any]:
+        """:meth:`connect`; ``then``: requests sent in the same write as the
+        negotiation (QEMU runs them right after it), for the caller to read."""
         if self._sock is not None and self.greeting is not None:
             return dict(self.greeting["QMP"].get("version", {}))
         self._limit = self.timeout
@@ -121,7 +127,7 @@ class QmpClient:
             # Sent before the greeting arrives: QEMU reads it once the greeting
             # is out, which saves a round trip.
             caps_id = next(self._ids)
-            self._send(encode_request("qmp_capabilities", None, caps_id), deadline,
+            self._send(encode_request("qmp_capabilities", None, caps_id) + then, deadline,
                        "qmp_capabilities")
             while True:
                 greeting = self._read_message(deadline, "waiting for the QMP greeting")
@@ -180,13 +186,82 @@ class QmpClient:
         :class:`MonitorTimeout` when no reply comes in time, and
         :class:`MonitorError` when the connection fails or closes.
         """
+        return self._command(command, arguments, self._begin(timeout))
+
+    def _limit_of(self, timeout: float | None) -> float:
+        """The bound of one exchange: ``timeout``, or the client's."""
         limit = self.timeout if timeout is None else float(timeout)
         if limit <= 0:
             raise ValueError(f"QMP timeout must be positive, got {timeout!r}")
+        return limit
+
+    def _begin(self, timeout: float | None) -> float:
+        """Start an exchange bounded by ``timeout`` on a negotiated connection; its deadline."""
+        limit = self._limit_of(timeout)
         if self._sock is None:
             self.connect()
         self._limit = limit
-        return self._command(command, arguments, time.monotonic() + limit)
+        return time.monotonic() + limit
+
+    def execute_many(self, requests: Sequence[tuple[str, dict[str, Any] | None]],
+                     timeout: float | None = None) -> list[Any]:
+        """Run several commands sent in one write; each one's result, in order.
+
+        QEMU runs a monitor's requests one after the other, so the whole
+        sequence costs one round trip instead of one per command (on a new
+        connection, the same write as the negotiation).  It runs
+        them all, whatever an earlier one answered: send together only
+        commands that may run even if one before them fails.  A command
+        QEMU refused gives its :class:`QmpCommandError` in its place
+        (returned, not raised); timeouts and a lost connection raise as in
+        :meth:`execute`, with ``timeout`` bounding the whole exchange.
+        """
+        limit = self._limit_of(timeout)
+        ids = [next(self._ids) for _ in requests]
+        data = b"".join(encode_request(command, arguments, msg_id)
+                        for (command, arguments), msg_id in zip(requests, ids, strict=True))
+        if self._sock is None:  # the negotiation and the commands in one write
+            self._open(then=data)
+            self._limit = limit
+            deadline = time.monotonic() + limit
+        else:
+            self._limit = limit
+            deadline = time.monotonic() + limit
+            self._send(data, deadline, ", ".join(command for command, _ in requests))
+        results: list[Any] = []
+        for (command, _), msg_id in zip(requests, ids, strict=True):
+            try:
+                results.append(self._reply(command, msg_id, deadline))
+            except QmpCommandError as err:
+                results.append(err)
+        return results
+
+    def pass_fd(self, name: str, fd: int, timeout: float | None = None) -> None:
+        """Hand QEMU the open descriptor ``fd`` under ``name`` (QMP ``getfd``).
+
+        The descriptor travels with the command as ``SCM_RIGHTS`` ancillary
+        data; QEMU keeps its own copy under ``name`` for a later command
+        (``netdev_add ... fd=NAME``) or until ``closefd``, so the caller
+        may close ``fd`` once this returns.  Errors as :meth:`execute`.
+        """
+        deadline = self._begin(timeout)
+        msg_id = next(self._ids)
+        data = encode_request("getfd", {"fdname": name}, msg_id)
+        sock = self._require_socket("sending getfd")
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        try:
+            sent = sock.sendmsg([data], rights)
+        except TimeoutError:
+            raise self._timeout_error("sending getfd") from None
+        except OSError as err:
+            self.close()
+            raise MonitorError(
+                f"Sending descriptor {fd} ({name}) to QMP socket {self.path} failed: {err}; "
+                "check whether the instance is still running") from None
+        if sent < len(data):  # the descriptor went with the first bytes
+            self._send(data[sent:], deadline, "getfd")
+        self._reply("getfd", msg_id, deadline)
 
     def human_command(self, command_line: str) -> str:
         """Run a human monitor command (e.g. ``"info status"``) and return its text."""
