@@ -200,7 +200,7 @@ class Node:
 
     def op_define(self, name: str, qemu: str, memory: int = 64, kernel: str = "",
                   initrd: str = "", port: int | None = None, bandwidth: int = 1000,
-                  downtime: int = 30) -> None:
+                  downtime: int = 30, migration_caps: str = "") -> None:
         """Describe instance ``name`` (the same object for either driver); without
         ``kernel`` it has no guest: QEMU sits in its firmware."""
         from ganeti import constants, objects  # type: ignore[import-not-found,unused-ignore]
@@ -209,7 +209,7 @@ class Node:
         hvparams = dict(defaults, kvm_path=qemu, kernel_path=kernel, initrd_path=initrd,
                         kvm_flag="disabled", serial_console=True, acpi=True,
                         vhost_net=False, migration_bandwidth=bandwidth,
-                        migration_downtime=downtime,
+                        migration_downtime=downtime, migration_caps=migration_caps,
                         migration_port=port or defaults["migration_port"])
         if kernel:
             hvparams.update(root_path="/dev/vda1", kernel_args="panic=-1 quiet")
@@ -320,19 +320,21 @@ class Node:
         return {"match": match, "at": time.monotonic()}
 
     def op_serial_rate(self, driver: str, name: str, pattern: str, failure: str,
-                       lines: int = 4, timeout: float = 120.0) -> float:
+                       lines: int = 4, timeout: float = 120.0) -> dict[str, Any]:
         """Seconds between lines matching ``pattern``, from output from now on: the
         mean interval of the last ``lines`` - 2 (the first interval may be short
-        when the guest waited for the serial port to be read).  ``failure``
-        printed instead is an error."""
+        when the guest waited for the serial port to be read), and the last
+        match.  ``failure`` printed instead is an error."""
         serial = self._serial(driver, name)
         serial.drain()
         seen = []
+        match = ""
         for _ in range(lines):
-            if serial.wait(f"{pattern}|{failure}", timeout) == failure:
+            match = serial.wait(f"{pattern}|{failure}", timeout)
+            if match == failure:
                 raise RuntimeError(f"{driver}'s {name} printed {failure!r}")
             seen.append(time.monotonic())
-        return (seen[-1] - seen[1]) / (lines - 2)
+        return {"interval": (seen[-1] - seen[1]) / (lines - 2), "last": match}
 
     def op_serial_send(self, driver: str, name: str, text: str) -> None:
         self._serial(driver, name).send(text)
@@ -372,7 +374,7 @@ class Node:
                     "downtime_ms": after.downtime_ms}
         elapsed = time.perf_counter() - started
         return {"t": elapsed, "status": final.status, "total_time_ms": final.total_time_ms,
-                "downtime_ms": final.downtime_ms}
+                "downtime_ms": final.downtime_ms, "step": final.step}
 
     def _migrate_master(self, driver: str, name: str, bound: float | None) -> dict[str, Any]:
         """MigrateInstance, then GetMigrationStatus every second as Ganeti's master

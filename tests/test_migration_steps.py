@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -205,6 +206,188 @@ def test_poll_without_a_state_record_only_reports(fake_node: Any) -> None:
     assert "migrate_cancel" not in fake.commands
 
 
+# --- migrate() against a fake QMP: what it asks QEMU, and when ------------------------
+
+
+SURVEY = ["query-migrate", "query-kvm", "query-migrate-capabilities",
+          "query-migrate-parameters"]
+
+
+class FakeSource:
+    """The source QEMU's long-operation monitor for one whole :func:`migration.migrate`.
+
+    ``migrate`` starts the migration: QEMU announces ``setup`` and ``active``
+    at once and ``completed`` ``finish_after`` seconds later (or, while a
+    question arrives, answers it first).  ``refuse``: the commands QEMU
+    refuses, with its own words.
+    """
+
+    # What the instance of the fake_source fixture migrates with.
+    SETTINGS = migration.Settings(100, 30, (), True)
+
+    def __init__(self, finish_after: float = 0.02, refuse: tuple[str, ...] = (),
+                 prepared: bool = False) -> None:
+        self.finish_after = finish_after
+        self.refuse = refuse
+        self.prepared = prepared  # QEMU has the settings already
+        self.status = "none"
+        self.commands: list[str] = []
+
+    def reply(self) -> dict[str, Any]:
+        reply: dict[str, Any] = {"status": self.status}
+        if self.status == "completed":
+            reply.update({"total-time": 30, "downtime": 2})
+        return reply
+
+    def answer(self, peer: Peer, request: dict[str, Any]) -> None:
+        command = request["execute"]
+        self.commands.append(command)
+        if command in self.refuse:
+            peer.send({"error": {"class": "GenericError", "desc": f"{command}: no"},
+                       "id": request["id"]})
+        elif command == "query-migrate":
+            peer.reply(request, self.reply())
+        elif command == "query-kvm":
+            peer.reply(request, {"enabled": True, "present": True})
+        elif command == "query-migrate-capabilities":
+            enabled = self.SETTINGS.capabilities() if self.prepared else []
+            peer.reply(request, [{"capability": cap, "state": cap in enabled}
+                                 for cap in ("xbzrle", "events", "auto-converge")])
+        elif command == "query-migrate-parameters":
+            peer.reply(request, self.SETTINGS.parameters() if self.prepared else
+                       {"max-bandwidth": 134217728, "downtime-limit": 300})
+        elif command == "query-status":
+            peer.reply(request, {"status": "running", "running": True})
+        elif command == "migrate_cancel":
+            self.status = "cancelled"
+            peer.reply(request, {})
+        else:
+            assert command in ("migrate-set-capabilities", "migrate-set-parameters",
+                               "migrate"), command
+            peer.reply(request, {})
+            if command == "migrate":
+                self.status = "active"
+                for status in ("setup", "active"):
+                    peer.send({"event": "MIGRATION", "data": {"status": status},
+                               "timestamp": {"seconds": 0, "microseconds": 0}})
+
+    def script(self, peer: Peer) -> None:
+        peer.handshake()
+        finish: float | None = None
+        while True:
+            if self.status == "active" and finish is None:
+                finish = time.monotonic() + self.finish_after
+            timeout = 5.0 if finish is None or self.status != "active" else \
+                max(0.001, finish - time.monotonic())
+            try:
+                request = peer.recv(timeout=timeout)
+            except TimeoutError:
+                if self.status != "active":
+                    raise
+                self.status = "completed"
+                peer.send({"event": "MIGRATION", "data": {"status": "completed"},
+                           "timestamp": {"seconds": 0, "microseconds": 0}})
+                continue
+            except EOFError:
+                return
+            self.answer(peer, request)
+
+
+@pytest.fixture
+def fake_source(short_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
+        Callable[[FakeSource], tuple[KvmNode, list[str]]]]:
+    """Factory: a node whose instance ``f1`` "runs" with ``fake`` as its long-operation
+    monitor; the source's end (SIGKILL, clean-up) is recorded, not done."""
+    servers: list[FakeQmp] = []
+
+    def make(fake: FakeSource) -> tuple[KvmNode, list[str]]:
+        node = KvmNode(os.path.join(short_dir, "run"))
+        node.ensure_dirs()
+        record = types.SimpleNamespace(hvparams={"migration_bandwidth": 100},
+                                       beparams={"memory": 128})
+        monkeypatch.setattr(node, "running_pid", lambda name: 4242)
+        monkeypatch.setattr(node, "load_record", lambda name: record)
+        ended: list[str] = []
+        monkeypatch.setattr(migration, "_end_source",
+                            lambda node, mon, name, *args, **kwargs: ended.append(name))
+        server = FakeQmp(node.paths("f1").qmp_long_socket, fake.script)
+        server.release.set()
+        servers.append(server)
+        return node, ended
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_migrate_asks_qemu_only_once_the_migration_ended(fake_source: Any) -> None:
+    # QEMU announces setup and active at once, completed 20 ms later: a
+    # question in between would only compete with the migration.
+    fake = FakeSource(finish_after=0.02)
+    node, ended = fake_source(fake)
+    final = migration.migrate(node, "f1", "127.0.0.1", True)
+    assert (final.status, final.total_time_ms, final.downtime_ms) == ("completed", 30, 2)
+    assert fake.commands == [*SURVEY, "migrate-set-capabilities", "migrate-set-parameters",
+                             "migrate", "query-migrate"]
+    assert ended == ["f1"]
+
+
+def test_migrate_starts_at_once_when_qemu_has_the_settings(fake_source: Any) -> None:
+    # MigrationInfo set them ahead: nothing is set again before migrate.
+    fake = FakeSource(prepared=True)
+    node, ended = fake_source(fake)
+    assert migration.migrate(node, "f1", "127.0.0.1", True).status == "completed"
+    assert fake.commands == [*SURVEY, "migrate", "query-migrate"] and ended == ["f1"]
+
+
+def test_configured_wants_every_capability_and_parameter() -> None:
+    settings = migration.Settings(32, 30, ("postcopy-ram",), throttle=True)
+    caps = frozenset(["events", "auto-converge", "postcopy-ram", "xbzrle"])
+    status = MigrationStatus(status="none")
+    ready = migration.Survey(status, False, caps, dict(settings.parameters(), extra=1))
+    assert migration.configured(ready, settings)
+    assert not migration.configured(ready._replace(enabled=caps - {"postcopy-ram"}), settings)
+    escalated = dict(settings.parameters(), **{"max-cpu-throttle": 99})
+    assert not migration.configured(ready._replace(parameters=escalated), settings)
+    assert not migration.configured(migration.Survey(status, False), settings)
+
+
+def test_migrate_still_asks_every_poll_interval(fake_source: Any) -> None:
+    fake = FakeSource(finish_after=5 * migration.POLL_INTERVAL)
+    node, ended = fake_source(fake)
+    seen: list[MigrationStatus] = []
+    final = migration.migrate(node, "f1", "127.0.0.1", True, progress=seen.append)
+    assert final.status == "completed" and ended == ["f1"]
+    assert seen and all(s.status == "active" for s in seen)
+    assert fake.commands.count("query-migrate") == len(seen) + 2
+
+
+def test_a_refused_capability_cancels_the_migration_qemu_began_anyway(
+        fake_source: Any) -> None:
+    # Capabilities, parameters and migrate go out in one write: QEMU starts
+    # the migration even when it refused what came before.
+    fake = FakeSource(finish_after=10.0, refuse=("migrate-set-capabilities",))
+    node, ended = fake_source(fake)
+    with pytest.raises(errors.MigrationError,
+                       match="Cannot start migrating instance f1 .*migrate-set-capabilities: "
+                       "no.*keeps running"):
+        migration.migrate(node, "f1", "127.0.0.1", True)
+    after = fake.commands[fake.commands.index("migrate") + 1:]
+    assert after.count("migrate_cancel") == 1 and after[-1] == "query-status", after
+    assert "cont" not in fake.commands and ended == []
+    assert not os.path.exists(node.paths("f1").migration_state)
+
+
+def test_the_source_end_spares_a_process_that_is_not_the_instances_qemu(
+        short_dir: str) -> None:
+    # The pidfd taken during the migration must name the instance's QEMU:
+    # a PID that now belongs to another process (here: this test) gives none.
+    node = KvmNode(os.path.join(short_dir, "run"))
+    node.ensure_dirs()
+    with migration._source_process(os.getpid(), node.paths("f1")) as source:
+        assert source is None
+
+
 def test_the_state_record_is_private_and_a_corrupt_one_is_ignored(short_dir: str) -> None:
     node = KvmNode(os.path.join(short_dir, "run"))
     node.ensure_dirs()
@@ -267,6 +450,13 @@ def test_start_poll_finish_moves_the_instance(nodes: tuple[KVMHypervisor, KVMHyp
     inst = bare_instance("st1", qemu_bin, free_port())
     source.StartInstance(inst, [], startup_paused=False)
     info = source.MigrationInfo(inst)
+    # MigrationInfo set the migration up ahead on the source's QEMU.
+    parameters = source.node.qmp("st1", "query-migrate-parameters")
+    assert parameters["max-bandwidth"] == parameters["max-postcopy-bandwidth"] == 1000 * 2**20
+    assert parameters["max-cpu-throttle"] == migration.THROTTLE_HOLD
+    enabled = {cap["capability"] for cap in source.node.qmp("st1", "query-migrate-capabilities")
+               if cap["state"]}
+    assert "events" in enabled
     target.AcceptInstance(inst, info, "127.0.0.1")
     paths = source.node.paths("st1")
     state = migration.start(source.node, "st1", "127.0.0.1", live=True)

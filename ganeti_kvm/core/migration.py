@@ -3,7 +3,10 @@
 The source side is a few steps, so that a cluster manager that calls back
 (Ganeti 3) and one that waits (the 2011 contract) share one path:
 
-* :func:`start` sets bandwidth and downtime, starts QEMU's migration and
+* :func:`start` sets bandwidth, downtime and capabilities (unless
+  :func:`migration_info` already set them, which the cluster manager calls
+  first: QEMU's own time of the migration starts at ``migrate``, so
+  whatever comes before it is kept short), starts QEMU's migration and
   saves a :class:`MigrationState` record (time limit, stall timeout, whether
   the guest was paused for a non-live migration) at
   :attr:`~ganeti_kvm.host.paths.InstancePaths.migration_state`;
@@ -70,7 +73,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ganeti_kvm import errors
 from ganeti_kvm.core import names as c
@@ -89,6 +92,7 @@ POLL_INTERVAL = 0.05  # seconds between progress queries while waiting for event
 STALL_TIMEOUT = 30.0  # cancel when no byte moved for this long (a broken link)
 CANCEL_TIMEOUT = 30.0  # a cancelled migration must settle within this
 MIN_TIME_LIMIT = 60.0
+PREPARE_LOCK_TIMEOUT = 2.0  # MigrationInfo waits no longer to set the migration up ahead
 SOURCE_STATE_KEY = "migration_source_state"
 STATE_VERSION = 1
 # QEMU's states of a migration that is still going on.
@@ -184,6 +188,7 @@ def migration_info(node: KvmNode, name: str) -> str:
         # no QMP; its target gets that command line, without a pinned type.
         data["machine"] = node.running_machine(name)
     data[SOURCE_STATE_KEY] = node.run_state(name)
+    _prepare_quietly(node, name)
     return json.dumps(data, sort_keys=True)
 
 
@@ -405,20 +410,65 @@ def _save_interval(state: MigrationState) -> float:
     return min(1.0, state.stall_timeout / 10.0)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The capabilities and parameters a migration of the instance runs with."""
+
+    bandwidth_mib_s: int
+    downtime_ms: int
+    caps: tuple[str, ...]  # the operator's migration_caps
+    throttle: bool  # whether auto-converge may throttle the vCPUs
+
+    def capabilities(self) -> list[str]:
+        """Every capability to enable: ``events``, ``auto-converge`` with
+        ``throttle`` (it cannot be enabled once a migration runs), then ``caps``."""
+        own = ["events", c.MIGRATION_CAP_AUTO_CONVERGE] if self.throttle else ["events"]
+        return own + [cap for cap in self.caps if cap not in own]
+
+    def parameters(self) -> dict[str, int]:
+        """QEMU's parameters: bandwidth (post-copy has its own limit, 0 meaning
+        none: the same one), downtime, and the throttle held at
+        :data:`THROTTLE_HOLD` percent until :func:`escalate` raises it."""
+        bandwidth = self.bandwidth_mib_s * 1024 * 1024
+        return {"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth,
+                "downtime-limit": self.downtime_ms, "cpu-throttle-initial": THROTTLE_INITIAL,
+                "cpu-throttle-increment": THROTTLE_INCREMENT, "max-cpu-throttle": THROTTLE_HOLD}
+
+
+class Survey(NamedTuple):
+    """What QEMU says before a migration: its state, whether the guest runs under
+    TCG, the capabilities enabled and the parameters set."""
+
+    status: MigrationStatus
+    tcg: bool
+    enabled: frozenset[str] = frozenset()
+    parameters: dict[str, Any] = {}
+
+
+def configured(survey: Survey, settings: Settings) -> bool:
+    """Whether QEMU already has every capability and parameter of ``settings``; pure.
+
+    :func:`migration_info` sets them ahead (see :func:`_prepare_quietly`);
+    an escalated throttle of an earlier migration, or a QEMU restarted
+    since, differs and is set again.
+    """
+    return set(settings.capabilities()) <= survey.enabled and all(
+        survey.parameters.get(key) == value for key, value in settings.parameters().items())
+
+
 # The monitors a migration runs over: QMP, or the 2011 driver's human monitor.
 
 class _Monitor(Protocol):
     escalates: bool  # whether the library escalates a migration over it
 
     def query(self) -> MigrationStatus: ...
+    def survey(self) -> Survey: ...
     def run_state(self) -> str: ...
     def command(self, command: str) -> None: ...
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int,
-                  caps: list[str], throttle: bool) -> None: ...
-    def uses_tcg(self) -> bool: ...
+    def configure(self, settings: Settings) -> None: ...
+    def start_migration(self, uri: str, settings: Settings | None) -> None: ...
     def set_parameters(self, parameters: dict[str, int]) -> None: ...
-    def migrate(self, uri: str) -> None: ...
-    def wait(self, timeout: float) -> None: ...
+    def wait(self, timeout: float) -> str | None: ...
     def settle(self, status: MigrationStatus) -> MigrationStatus: ...
 
 
@@ -440,40 +490,52 @@ class _QmpMonitor:
     def command(self, command: str) -> None:
         self.client.execute(command)
 
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int, caps: list[str],
-                  throttle: bool) -> None:
-        """Capabilities and parameters, in one command each.
+    def survey(self) -> Survey:
+        """QEMU's migration state, whether the guest runs under TCG (``query-kvm``:
+        KVM not enabled), its capabilities and parameters: one write."""
+        migrating, kvm, caps, parameters = _returns(self.client.execute_many([
+            ("query-migrate", None), ("query-kvm", None),
+            ("query-migrate-capabilities", None), ("query-migrate-parameters", None)]))
+        enabled = frozenset(str(cap.get("capability")) for cap in caps
+                            if isinstance(cap, dict) and cap.get("state") is True)
+        return Survey(MigrationStatus.from_query(migrating), not kvm.get("enabled"), enabled,
+                      parameters if isinstance(parameters, dict) else {})
 
-        With ``throttle``, ``auto-converge`` is on (it cannot be enabled
-        later), with the throttle held at :data:`THROTTLE_HOLD` percent until
-        :func:`escalate` raises it; the capabilities of ``caps`` (the
-        operator's ``migration_caps``) are set as they are.
+    def _settings_requests(self, settings: Settings) -> list[tuple[str, dict[str, Any] | None]]:
+        return [("migrate-set-capabilities", {"capabilities": [
+                    {"capability": cap, "state": True} for cap in settings.capabilities()]}),
+                ("migrate-set-parameters", dict(settings.parameters()))]
+
+    def configure(self, settings: Settings) -> None:
+        """Capabilities and parameters of ``settings``, in one write."""
+        _returns(self.client.execute_many(self._settings_requests(settings)))
+
+    def start_migration(self, uri: str, settings: Settings | None) -> None:
+        """``migrate``, after the capabilities and parameters of ``settings`` (None:
+        QEMU has them already), all in one write.
+
+        QEMU's own time of the migration starts at ``migrate``: what comes
+        before it is overhead, so it is one round trip.  QEMU runs
+        ``migrate`` even if it refused a capability or parameter before it
+        (rare: ``migration_caps`` were checked when the instance started);
+        that refusal is raised here, and the caller cancels the migration
+        that started without it.
         """
-        own = ["events", c.MIGRATION_CAP_AUTO_CONVERGE] if throttle else ["events"]
-        names = own + [cap for cap in caps if cap not in own]
-        self.client.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": cap, "state": True} for cap in names]})
-        # Post-copy has its own bandwidth limit (0: none): the same one.
-        bandwidth = bandwidth_mib_s * 1024 * 1024
-        self.client.execute("migrate-set-parameters", {
-            "max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth,
-            "downtime-limit": downtime_ms, "cpu-throttle-initial": THROTTLE_INITIAL,
-            "cpu-throttle-increment": THROTTLE_INCREMENT, "max-cpu-throttle": THROTTLE_HOLD})
-
-    def uses_tcg(self) -> bool:
-        """Whether the guest runs under TCG (QMP ``query-kvm``: KVM not enabled)."""
-        return not self.client.execute("query-kvm").get("enabled")
+        requests = self._settings_requests(settings) if settings is not None else []
+        _returns(self.client.execute_many([*requests, ("migrate", {"uri": uri})]))
 
     def set_parameters(self, parameters: dict[str, int]) -> None:
         self.client.execute("migrate-set-parameters", dict(parameters))
 
-    def migrate(self, uri: str) -> None:
-        self.client.execute("migrate", {"uri": uri})
-
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> str | None:
+        """Wait for a ``MIGRATION`` event; the state it announces (None: none came)."""
         event = self.client.wait_event(["MIGRATION"], timeout=timeout)
-        if event is not None:
-            log.debug("Migration of %s: event %s", self.name, event.get("data"))
+        if event is None:
+            return None
+        data = event.get("data") or {}
+        log.debug("Migration of %s: event %s", self.name, data)
+        status = data.get("status") if isinstance(data, dict) else None
+        return status if isinstance(status, str) else None
 
     def settle(self, status: MigrationStatus) -> MigrationStatus:
         """The final report once QEMU has filled in its timing figures.
@@ -513,26 +575,33 @@ class _HmpMonitor:
     def command(self, command: str) -> None:
         self._run(command)
 
-    def uses_tcg(self) -> bool:
-        return False  # not asked: the library does not escalate over a human monitor
+    def survey(self) -> Survey:
+        # TCG is not asked (the library does not escalate over a human monitor),
+        # nor the settings: they are set before every migration.
+        return Survey(self.query(), False)
 
-    def configure(self, bandwidth_mib_s: int, downtime_ms: int, caps: list[str],
-                  throttle: bool) -> None:
-        """Bandwidth, downtime and ``caps`` (the library does not escalate here)."""
-        for cap in caps:
+    def configure(self, settings: Settings) -> None:
+        """Bandwidth, downtime and the operator's ``caps`` (no escalation here)."""
+        for cap in settings.caps:
             self._run(f"migrate_set_capability {cap} on")
-        self._run(f"migrate_set_parameter max-bandwidth {bandwidth_mib_s * 1024 * 1024}")
-        self._run(f"migrate_set_parameter downtime-limit {downtime_ms}")
+        self._run(f"migrate_set_parameter max-bandwidth "
+                  f"{settings.bandwidth_mib_s * 1024 * 1024}")
+        self._run(f"migrate_set_parameter downtime-limit {settings.downtime_ms}")
+
+    def start_migration(self, uri: str, settings: Settings | None) -> None:
+        """:meth:`configure` (unless ``settings`` is None), then ``migrate``; each
+        command only if the one before succeeded."""
+        if settings is not None:
+            self.configure(settings)
+        self._run(f"migrate -d {uri}")
 
     def set_parameters(self, parameters: dict[str, int]) -> None:
         for key, value in parameters.items():
             self._run(f"migrate_set_parameter {key} {int(value)}")
 
-    def migrate(self, uri: str) -> None:
-        self._run(f"migrate -d {uri}")
-
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> str | None:
         time.sleep(timeout)
+        return None
 
     def settle(self, status: MigrationStatus) -> MigrationStatus:
         return status
@@ -550,8 +619,9 @@ def _monitor(node: KvmNode, paths: InstancePaths, long: bool) -> Iterator[_Monit
         with HmpClient(paths.monitor_socket, timeout=10.0) as hmp:
             yield _HmpMonitor(hmp, paths.name)
         return
+    # Connected by the first command: the migration's first question then goes
+    # out with the negotiation (QmpClient.execute_many).
     with QmpClient(paths.qmp_long_socket if long else paths.qmp_socket, timeout=10.0) as qmp:
-        qmp.connect()
         yield _QmpMonitor(qmp, paths.name)
 
 
@@ -582,28 +652,75 @@ def migration_caps(record: runtime.RuntimeRecord) -> list[str]:
 
 
 def _throttle_is_safe(node: KvmNode, mon: _Monitor, name: str,
-                      record: runtime.RuntimeRecord) -> bool:
+                      record: runtime.RuntimeRecord, tcg: bool, quiet: bool = False) -> bool:
     """Whether the library may throttle the guest's vCPUs to make its migration converge.
 
-    Not for a guest under TCG on a QEMU that corrupts such guests
+    Not for a guest under TCG (``tcg``) on a QEMU that corrupts such guests
     (:attr:`QemuCaps.throttles_tcg_guests_safely`): convergence then has only
     post-copy, where ``migration_caps`` allows it, and the time limit.
     """
-    if not mon.escalates or not mon.uses_tcg():
+    if not mon.escalates or not tcg:
         return True
     kvm_path = record.hvparams.get(c.HV_KVM_PATH)
     if not isinstance(kvm_path, str) or node.caps(kvm_path).throttles_tcg_guests_safely:
         return True
+    if quiet:
+        return False
     log.warning("Instance %s runs under TCG on %s, which corrupts guests whose vCPUs it "
                 "throttles: its migration will not be throttled (post-copy only, if "
                 "migration_caps has postcopy-ram)", name, kvm_path)
     return False
 
 
+def _settings(node: KvmNode, mon: _Monitor, name: str, record: runtime.RuntimeRecord,
+              tcg: bool, quiet: bool = False) -> Settings:
+    """The :class:`Settings` of the instance's migration, from its runtime record."""
+    hvp = record.hvparams
+    return Settings(int(hvp.get(c.HV_MIGRATION_BANDWIDTH, 32)),
+                    int(hvp.get(c.HV_MIGRATION_DOWNTIME, 30)), tuple(migration_caps(record)),
+                    _throttle_is_safe(node, mon, name, record, tcg, quiet))
+
+
+def _prepare_quietly(node: KvmNode, name: str) -> None:
+    """Set the migration's capabilities and parameters on the instance's QEMU ahead.
+
+    Called by :func:`migration_info`, which both contracts' cluster managers
+    call on the source before the target accepts: setting them costs QEMU
+    about a millisecond before its migration starts, and :func:`migrate`
+    (:func:`start`) then finds them set (:func:`configured`) and starts at
+    once.  Only over QMP, only while no migration runs and the instance's
+    lock is free within :data:`PREPARE_LOCK_TIMEOUT`; a failure is logged,
+    never raised: the migration then sets them itself.
+    """
+    try:
+        with node.locked(name, "prepare the migration", PREPARE_LOCK_TIMEOUT) as paths:
+            record = node.load_record(name)
+            if record is None or node.human_monitor_only(paths):
+                return
+            with _monitor(node, paths, long=False) as mon:
+                survey = mon.survey()
+                if survey.status.status in ONGOING:
+                    return
+                settings = _settings(node, mon, name, record, survey.tcg, quiet=True)
+                if not configured(survey, settings):
+                    mon.configure(settings)
+    except errors.HypervisorError as err:
+        log.warning("Instance %s: cannot set its migration's capabilities and parameters "
+                    "ahead (the migration will set them itself): %s", name, err)
+
+
 def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target: str,
-           live: bool, limit: float | None, stall_timeout: float) -> MigrationState:
-    """Configure and start the migration; save and return its state."""
-    if node.running_pid(name) is None:
+           live: bool, limit: float | None,
+           stall_timeout: float) -> tuple[MigrationState, int]:
+    """Configure and start the migration; save and return its state, and the PID of
+    the instance's QEMU.
+
+    Three exchanges with QEMU: the monitor's greeting, one write asking
+    whether a migration runs and whether the guest is under TCG, and one
+    write configuring and starting the migration.
+    """
+    pid = node.running_pid(name)
+    if pid is None:
         raise errors.InstanceNotRunning(f"Cannot migrate instance {name}: it is not running")
     record = node.load_record(name)
     if record is None:
@@ -615,11 +732,12 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
     downtime = int(hvp.get(c.HV_MIGRATION_DOWNTIME, 30))
     port = int(hvp.get(c.HV_MIGRATION_PORT, 8102))
     caps = migration_caps(record)
-    throttle = _throttle_is_safe(node, mon, name, record)
     if limit is None:
         limit = time_limit(int(record.beparams.get(c.BE_MEMORY, 128)), bandwidth)
     uri = f"tcp:{_uri_host(target)}:{port}"
-    current = mon.query()
+    survey = mon.survey()
+    current = survey.status
+    settings = _settings(node, mon, name, record, survey.tcg)
     if current.status in ONGOING:
         raise errors.MigrationError(
             f"Cannot migrate instance {name} to {target}: QEMU is already migrating it "
@@ -634,13 +752,12 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
                            started_wall=time.time(), last_moved=now,
                            converge=mon.escalates and live,
                            postcopy_allowed=live and c.MIGRATION_CAP_POSTCOPY in caps,
-                           throttle=throttle,
+                           throttle=settings.throttle,
                            downtime_limit=downtime)
     try:
         state = save_state(paths, state)
-        mon.configure(bandwidth, downtime, caps, state.throttle)
         log.info("Migrating instance %s to %s (%s)", name, uri, "live" if live else "non-live")
-        mon.migrate(uri)
+        mon.start_migration(uri, None if configured(survey, settings) else settings)
     except BaseException as err:
         _abort(mon, name, paths, state)
         if isinstance(err, errors.HypervisorError) and not isinstance(
@@ -649,7 +766,15 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
                 f"Cannot start migrating instance {name} to {target}: {err}; "
                 "the instance keeps running on this node") from err
         raise
-    return state
+    return state, pid
+
+
+def _returns(results: list[Any]) -> list[Any]:
+    """The results of :meth:`QmpClient.execute_many`; the first refusal among them raised."""
+    for result in results:
+        if isinstance(result, errors.QmpCommandError):
+            raise result
+    return results
 
 
 def _check(mon: _Monitor, name: str, paths: InstancePaths, state: MigrationState | None,
@@ -795,12 +920,15 @@ def _abort(mon: _Monitor, name: str, paths: InstancePaths,
     return True
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
+def _wait_exit(pid: int, timeout: float, pidfd: int | None = None) -> bool:
     """:func:`process.wait_gone`, woken by the exit itself where the kernel offers a pidfd.
 
     Polling would see a QEMU that quits in 3 ms only at its next poll; a
-    pidfd becomes readable the moment the process has exited.
+    pidfd (``pidfd``, else one opened here) becomes readable the moment the
+    process has exited.
     """
+    if pidfd is not None:
+        return bool(select.select([pidfd], [], [], timeout)[0])
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):  # an older kernel, or the process is gone already
@@ -812,16 +940,30 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     return process.wait_gone(pid, 0.0)
 
 
+def _kill(pid: int, pidfd: int | None) -> bool:
+    """SIGKILL to ``pid``, through ``pidfd`` if given; False if it is gone already."""
+    if pidfd is None:
+        return process.signal_pid(pid, signal.SIGKILL)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _end_source(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths,
-                completed: bool = False) -> None:
+                completed: bool = False, source: _Source | None = None) -> None:
     """After a completed migration: end the source QEMU and remove all its state here.
 
     The guest runs on the target; the files are removed only once this
     QEMU is gone, so a QEMU that survives SIGKILL keeps its pidfile and is
     still listed here, where the operator can see it.  ``completed``: the
-    caller has just seen QEMU report the migration completed.
+    caller has just seen QEMU report the migration completed; ``source``:
+    the instance's QEMU (from :func:`_source_process`), which then needs
+    no look-up.
     """
-    pid = node.running_pid(name)
+    pid = node.running_pid(name) if source is None else source.pid
+    pidfd = None if source is None else source.pidfd
     if pid is not None:
         reported = "completed" if completed else mon.query().status
         if reported != "completed":
@@ -832,8 +974,8 @@ def _end_source(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths,
         # Its guest runs on the target and its disks were handed over when
         # the migration completed: nothing of this QEMU is worth a graceful
         # quit, which costs milliseconds of its own clean-up.
-        process.signal_pid(pid, signal.SIGKILL)
-        if not _wait_exit(pid, 10.0) and not process.terminate(pid):
+        if _kill(pid, pidfd) and not _wait_exit(pid, 10.0, pidfd) \
+                and not process.terminate(pid):
             raise errors.MigrationError(
                 f"Instance {name} migrated, but its old QEMU process {pid} on this node "
                 "survived SIGKILL; its files are kept. Find out why the process cannot exit "
@@ -855,7 +997,7 @@ def start(node: KvmNode, name: str, target: str, live: bool, limit: float | None
     """
     _check_bounds(name, limit, stall_timeout)
     with node.locked(name, "migrate") as paths, _monitor(node, paths, long=True) as mon:
-        return _begin(node, mon, name, paths, target, live, limit, stall_timeout)
+        return _begin(node, mon, name, paths, target, live, limit, stall_timeout)[0]
 
 
 def _require_running(node: KvmNode, name: str, what: str) -> InstancePaths:
@@ -937,36 +1079,87 @@ def migrate(node: KvmNode, name: str, target: str, live: bool,
     """
     _check_bounds(name, limit, stall_timeout)
     with node.locked(name, "migrate") as paths, _monitor(node, paths, long=True) as mon:
-        state: MigrationState | None = _begin(node, mon, name, paths, target, live, limit,
-                                              stall_timeout)
-        try:
-            while True:
-                mon.wait(POLL_INTERVAL)
-                final, state = _check(mon, name, paths, state)
-                if final.status not in ONGOING:
-                    break
-                if progress is not None:
-                    progress(final)
-        except BaseException as err:
-            resumed = _abort(mon, name, paths, state)
-            if isinstance(err, errors.HypervisorError) and not isinstance(
-                    err, errors.MigrationError):
+        begun, pid = _begin(node, mon, name, paths, target, live, limit, stall_timeout)
+        state: MigrationState | None = begun
+        with _source_process(pid, paths) as source:
+            final, state = _follow(mon, name, paths, target, state, progress)
+            if final.status != "completed":
+                if not _abort(mon, name, paths, state):
+                    raise errors.MigrationError(
+                        f"Migration of instance {name} to {target} failed: {final.error}")
                 raise errors.MigrationError(
-                    f"Migration of instance {name} to {target} failed: {err}; "
-                    + ("the instance keeps running on this node" if resumed else
-                       "post-copy had begun, so nothing was resumed or stopped: see the "
-                       "migration status on both nodes")) from err
-            raise
-        if final.status != "completed":
-            if not _abort(mon, name, paths, state):
-                raise errors.MigrationError(
-                    f"Migration of instance {name} to {target} failed: {final.error}")
-            raise errors.MigrationError(
-                f"Migration of instance {name} to {target} {final.status}: "
-                f"{final.error or 'QEMU gave no reason'}; the instance keeps running "
-                "on this node")
-        _end_source(node, mon, name, paths, completed=True)
+                    f"Migration of instance {name} to {target} {final.status}: "
+                    f"{final.error or 'QEMU gave no reason'}; the instance keeps running "
+                    "on this node")
+            _end_source(node, mon, name, paths, completed=True, source=source)
         return final
+
+
+def _follow(mon: _Monitor, name: str, paths: InstancePaths, target: str,
+            state: MigrationState | None,
+            progress: Callable[[MigrationStatus], None] | None,
+            ) -> tuple[MigrationStatus, MigrationState | None]:
+    """Watch a started migration until it ends; QEMU's last report and the state.
+
+    QEMU is asked (:func:`_check`) every :data:`POLL_INTERVAL`, and at once
+    when an event announces a state that ends the migration: an event of
+    a state it goes on in (``setup``, ``active``...) says all there is to
+    know then, and a question would only compete with the migration for
+    QEMU's main loop.  On any error the migration is aborted
+    (:func:`_abort`) and :class:`errors.MigrationError` raised.
+    """
+    try:
+        asked = time.monotonic()
+        while True:
+            announced = mon.wait(max(0.0, asked + POLL_INTERVAL - time.monotonic()))
+            if announced in ONGOING and time.monotonic() < asked + POLL_INTERVAL:
+                continue
+            final, state = _check(mon, name, paths, state)
+            asked = time.monotonic()
+            if final.status not in ONGOING:
+                return final, state
+            if progress is not None:
+                progress(final)
+    except BaseException as err:
+        resumed = _abort(mon, name, paths, state)
+        if isinstance(err, errors.HypervisorError) and not isinstance(
+                err, errors.MigrationError):
+            raise errors.MigrationError(
+                f"Migration of instance {name} to {target} failed: {err}; "
+                + ("the instance keeps running on this node" if resumed else
+                   "post-copy had begun, so nothing was resumed or stopped: see the "
+                   "migration status on both nodes")) from err
+        raise
+
+
+class _Source(NamedTuple):
+    """The source QEMU of a running migration: its PID and a pidfd naming it."""
+
+    pid: int
+    pidfd: int
+
+
+@contextlib.contextmanager
+def _source_process(pid: int, paths: InstancePaths) -> Iterator[_Source | None]:
+    """The source QEMU ``pid`` with a pidfd, while the migration runs (None: none to have).
+
+    Taken while QEMU migrates (it costs the migration nothing), so that
+    the end needs neither /proc nor the pidfile: the signal goes to
+    exactly this process, whatever became of its PID.  None on a kernel
+    without pidfds, or if ``pid`` no longer runs the instance.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        yield None
+        return
+    try:
+        # The PID was checked before the migration began; check that the
+        # process the pidfd names is still that QEMU.
+        yield _Source(pid, pidfd) \
+            if process.instance_process(pid, paths.name, paths.pidfile) else None
+    finally:
+        os.close(pidfd)
 
 
 def _hmp_status(output: str) -> MigrationStatus:
