@@ -7,7 +7,10 @@ Ganeti: QEMU's monitor on the node, ``/proc`` of its vCPU threads, a TCP
 connection inside the node's network namespace, and the guest's own view
 through its serial shell.  The steps share one instance (``INSTANCE``), in
 file order; each first brings it to the state it needs.  The module runs once
-per Ganeti version.
+per Ganeti version.  Under Ganeti 3.0's own driver
+(``GANETI_KVM_E2E_DRIVER=bundled``) two steps fail, as strict xfails:
+``cpu_mask=0`` leaves the vCPU thread on every CPU, and ``oper_ram`` stays
+the command line's after ballooning.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from ganeti_kvm.core import legacy, runtime
 from ganeti_kvm.core import params as validation
 from ganeti_kvm.host import fsutil
 from ganeti_kvm.qemu import caps as qemu_caps
-from ganeti_kvm.qemu import cmdline
+from ganeti_kvm.qemu import cmdline, devices
 from tests import legacy2011
 
 
@@ -34,6 +34,22 @@ def test_round_trip_and_mode(tmp_path) -> None:
         data = json.load(handle)
     assert data["kind"] == "ganeti-kvm-runtime" and data["version"] == 1
     assert os.listdir(tmp_path) == ["web1.runtime"]  # no temp file left
+
+
+@pytest.mark.parametrize("controller", ["guest_agent", "spice_agent"])
+def test_a_record_with_a_serial_controller_is_version_2_and_version_1_refuses_it(
+        controller: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older library would start a migration target without the controller: it refuses."""
+    ident = devices.DeviceId(backend="x", id="ctl0", bus="pci.0", addr="0x1d").to_dict()
+    with_it = record()
+    setattr(with_it, controller, ident)
+    text = with_it.serialize()
+    assert json.loads(text)["version"] == 2
+    assert runtime.parse(text, "web1", "info") == with_it
+    assert json.loads(record().serialize())["version"] == 1  # still moves to older nodes
+    monkeypatch.setattr(runtime, "READ_VERSIONS", frozenset([1]))  # the older library
+    with pytest.raises(errors.RuntimeStateError, match="version 2.*newer ganeti-kvm"):
+        runtime.parse(text, "web1", "info")
 
 
 def test_missing_record_is_none(tmp_path) -> None:

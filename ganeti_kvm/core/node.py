@@ -18,19 +18,19 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ganeti_kvm import errors
-from ganeti_kvm.core import hardware, hotplug, legacy, params, pinning, runtime
+from ganeti_kvm.core import hardware, hotplug, legacy, listing, params, pinning, runtime
 from ganeti_kvm.core import names as c
+from ganeti_kvm.core.listing import InstanceInfo
 from ganeti_kvm.host import fsutil, ifup, locking, netdev, process, uidpool
-from ganeti_kvm.host.paths import SHUTDOWN_MARKER_SUFFIX, InstancePaths, RunDir
+from ganeti_kvm.host.paths import InstancePaths, RunDir
 from ganeti_kvm.qemu import caps as qemu_caps
 from ganeti_kvm.qemu import cmdline, devices, macaddr, spice
 from ganeti_kvm.qemu import log as qemulog
-from ganeti_kvm.qmp import batch as qmp_batch
 from ganeti_kvm.qmp import hmp
 from ganeti_kvm.qmp.agent import GuestAgent
 from ganeti_kvm.qmp.client import QmpClient
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 120.0  # the daemonizing QEMU parent must exit within this
 QMP_READY_TIMEOUT = 30.0  # QMP must answer within this after the parent exited
-LIST_QMP_TIMEOUT = 1.0  # a listing call waits at most this for one instance
 # A stop's word to ganeti-kvmd, and to the guest agent, waits at most this per step
 ADMIN_STOP_TIMEOUT = 2.0
 GUEST_AGENT_TIMEOUT = 2.0
@@ -62,22 +61,6 @@ class InstanceSpec:
     tags: list[str] = field(default_factory=list)
     uuid: str | None = None
     network_port: int | None = None
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    """A running instance as the listing calls see it."""
-
-    name: str
-    pid: int
-    memory: int
-    vcpus: int
-    state: str
-    cpu_time: float
-
-    def as_tuple(self) -> tuple[str, int, int, int, str, float]:
-        """The cluster manager's ``(name, pid, memory, vcpus, state, times)`` tuple."""
-        return (self.name, self.pid, self.memory, self.vcpus, self.state, self.cpu_time)
 
 
 class _StartUndo:
@@ -174,10 +157,7 @@ class KvmNode:
     @staticmethod
     def _running(paths: InstancePaths) -> process.QemuProcess | None:
         """The instance's QEMU if it really runs, read from /proc once."""
-        pid = process.read_pidfile(paths.pidfile)
-        if pid is None:
-            return None
-        return process.instance_process(pid, paths.name, paths.pidfile)
+        return listing.running(paths)
 
     def load_record(self, name: str) -> runtime.RuntimeRecord | None:
         """The saved runtime record of ``name``, or None."""
@@ -777,76 +757,23 @@ class KvmNode:
     # --- listing -------------------------------------------------------------
 
     def _scan(self) -> Iterator[tuple[InstancePaths, process.QemuProcess]]:
-        """Every instance whose QEMU really runs, with what /proc showed of it.
-
-        An entry that is not a readable pidfile (a directory, say) is skipped:
-        it cannot be a QEMU of ours, and the other instances are still listed.
-        """
-        try:
-            entries = sorted(os.listdir(self.layout.pid_dir))
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            raise errors.HypervisorError(
-                f"Cannot list the pidfiles in {self.layout.pid_dir}: {err.strerror}; "
-                "it must be a directory readable by this process") from None
-        for entry in entries:
-            try:
-                paths = self.paths(entry)
-            except errors.HypervisorError:
-                continue  # not an instance name of ours
-            found = self._running(paths)
-            if found is not None:
-                yield paths, found
+        return listing.scan(self.layout)
 
     def list_names(self) -> list[str]:
         """Names of the instances whose QEMU really runs."""
         return [paths.name for paths, _ in self._scan()]
 
     def info(self, name: str, user_down: bool = False) -> InstanceInfo | None:
-        """The running instance ``name``, or None; never raises for a dead instance.
-
-        With ``user_down``, an instance whose guest powered itself off as
-        ganeti-kvmd saw it (``user_shutdown``) is reported too, in state
-        :data:`~ganeti_kvm.core.names.HV_STATE_USER_DOWN`, until a start,
-        stop or clean-up.
-        """
+        """The running instance ``name``, or None (:func:`ganeti_kvm.core.listing.info`)."""
         try:
             paths = self.paths(name)
         except errors.HypervisorError:
             return None
-        found = self._running(paths)
-        if found is None:
-            return _user_down(paths) if user_down else None
-        return _describe([(paths, found)])[0]
+        return listing.info(paths, user_down)
 
     def all_info(self, user_down: bool = False) -> list[InstanceInfo]:
-        """Every running instance; with ``user_down`` also those :meth:`info` reports so."""
-        described = _describe(self._scan())
-        if user_down:
-            running = {info.name for info in described}
-            described += [info for info in self._user_downs() if info.name not in running]
-        return described
-
-    def _user_downs(self) -> list[InstanceInfo]:
-        """The instances with a user_shutdown marker and no QEMU (see :meth:`info`)."""
-        suffix = SHUTDOWN_MARKER_SUFFIX
-        try:
-            entries = sorted(os.listdir(self.layout.ctrl_dir))
-        except OSError:
-            return []  # no control directory: no marker either
-        found = []
-        for entry in entries:
-            if not entry.endswith(suffix):
-                continue
-            try:
-                paths = self.paths(entry[:-len(suffix)])
-            except errors.HypervisorError:
-                continue  # not an instance name of ours
-            info = _user_down(paths) if self._running(paths) is None else None
-            if info is not None:
-                found.append(info)
-        return found
+        """Every running instance (:func:`ganeti_kvm.core.listing.all_info`)."""
+        return listing.all_info(self.layout, user_down)
 
     def running_machine(self, name: str) -> str | None:
         """The machine type instance ``name``'s QEMU really emulates, asked over QMP.
@@ -981,30 +908,6 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _describe(found: Iterable[tuple[InstancePaths, process.QemuProcess]]) -> list[InstanceInfo]:
-    """InstanceInfo for each running instance, asking all their monitors at once.
-
-    Each monitor is asked as soon as its instance is found, so QEMU answers
-    while the rest of /proc is read.  A SIGSTOPped QEMU cannot answer: its
-    monitor is not asked and its state is unknown, as is the state of a
-    monitor that fails or is held by another client for
-    :data:`LIST_QMP_TIMEOUT`.
-    """
-    with qmp_batch.Batch("query-status", LIST_QMP_TIMEOUT) as batch:
-        asked = [(paths, proc,
-                  None if proc.stat.state == "T" else batch.ask(paths.qmp_socket))
-                 for paths, proc in found]
-        answers = batch.answers()
-    described = []
-    for paths, proc, ticket in asked:
-        memory, vcpus = _memory_vcpus(proc.argv)
-        memory = _ballooned(paths) or memory
-        state = _run_state(None if ticket is None else answers[ticket])
-        described.append(InstanceInfo(name=paths.name, pid=proc.pid, memory=memory,
-                                      vcpus=vcpus, state=state, cpu_time=proc.stat.cpu_time))
-    return described
-
-
 def _publish_kvmd_socket(paths: InstancePaths) -> None:
     """Give ganeti-kvmd's monitor its name (``NAME.kvmd``) once QEMU listens on it.
 
@@ -1025,52 +928,3 @@ def _publish_kvmd_socket(paths: InstancePaths) -> None:
             f"Failed to start instance {paths.name}: cannot link ganeti-kvmd's monitor "
             f"{paths.kvmd_bind_socket} to {paths.kvmd_socket}: {err.strerror}; check the "
             "run directory") from None
-
-
-def _user_down(paths: InstancePaths) -> InstanceInfo | None:
-    """A QEMU-less instance whose guest powered itself off (ganeti-kvmd's marker), or None.
-
-    No process: no pid (-1), memory, vCPUs or CPU time, as Ganeti's driver
-    reports it.
-    """
-    if not os.path.isfile(paths.shutdown_marker):
-        return None
-    return InstanceInfo(name=paths.name, pid=-1, memory=0, vcpus=0,
-                        state=c.HV_STATE_USER_DOWN, cpu_time=0.0)
-
-
-def _ballooned(paths: InstancePaths) -> int | None:
-    """The memory (MiB) the instance's balloon was set to, kept in its record; None if none.
-
-    The record, not QEMU: asking each monitor ``query-balloon`` as well
-    would cost every listing a command per instance, for a value that only
-    :meth:`KvmNode.balloon` changes.  A record that cannot be read (an
-    instance another driver started) counts as not ballooned.
-    """
-    try:
-        raw = fsutil.read_small_file(paths.runtime_file, limit=16 << 20)
-    except errors.GenericError:
-        return None
-    return None if raw is None else runtime.balloon_memory_of(raw, paths.name)
-
-
-def _run_state(status: Any) -> str:
-    """The hypervisor state for a ``query-status`` answer (anything else: unknown)."""
-    if not isinstance(status, dict):
-        return c.HV_STATE_UNKNOWN
-    return c.HV_STATE_RUNNING if status.get("running") else c.HV_STATE_PAUSED
-
-
-def _memory_vcpus(argv: Sequence[str]) -> tuple[int, int]:
-    """Memory (MiB) and vCPUs from a QEMU command line."""
-    memory = vcpus = 0
-    for index, arg in enumerate(argv[:-1]):
-        value = argv[index + 1]
-        if arg == "-m":
-            with contextlib.suppress(ValueError):
-                memory = int(value.split(",")[0].rstrip("Mm"))
-        elif arg == "-smp":
-            with contextlib.suppress(ValueError):
-                vcpus = int(value.split(",")[0].removeprefix("cpus="))
-    return memory, vcpus
-

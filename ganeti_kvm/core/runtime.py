@@ -20,7 +20,14 @@ from ganeti_kvm.qemu import caps as qemu_caps
 from ganeti_kvm.qemu import devices
 
 RECORD_KIND = "ganeti-kvm-runtime"
-RECORD_VERSION = 1
+# Version 1: every record up to the virtio-serial controllers.  Version 2:
+# a record with the guest agent's or the SPICE agent's controller, which a
+# reader of version 1 would silently leave out of a migration target's
+# QEMU (the migration would then fail inside QEMU); such a reader refuses
+# version 2 by name instead.  A record without them stays version 1, so
+# instances still move to nodes with the older library.
+RECORD_VERSION = 2
+READ_VERSIONS = frozenset([1, 2])
 UPGRADED_KEY = "upgraded_from"
 
 
@@ -70,11 +77,15 @@ class RuntimeRecord:
     # a start with spice_bind and spice_use_vdagent; None: no such channel.
     spice_agent: dict[str, Any] | None = None
 
+    def version(self) -> int:
+        """The lowest document version that holds everything this record has."""
+        return 2 if self.guest_agent is not None or self.spice_agent is not None else 1
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON document, with its kind and version."""
         return {
             "kind": RECORD_KIND,
-            "version": RECORD_VERSION,
+            "version": self.version(),
             "name": self.name,
             "argv": list(self.argv),
             "nics": self.nics,
@@ -126,8 +137,10 @@ def upgrade(data: Any, name: str, source: str) -> RuntimeRecord:
     if not isinstance(data, dict) or data.get("kind") != RECORD_KIND:
         raise bad(f"its kind is not {RECORD_KIND!r}")
     version = data.get("version")
-    if version != RECORD_VERSION:
-        raise bad(f"unknown version {version!r} (this library writes {RECORD_VERSION})")
+    if version not in READ_VERSIONS:
+        raise bad(f"unknown version {version!r} (this library reads "
+                  f"{', '.join(map(str, sorted(READ_VERSIONS)))}); it was written by a newer "
+                  "ganeti-kvm: upgrade ganeti-kvm on this node")
     if data.get("name") != name:
         raise bad(f"it belongs to instance {data.get('name')!r}")
     argv = data.get("argv")
