@@ -288,6 +288,24 @@ def test_hotplug_kept_over_migration_and_reboots_then_removed(e2e: E2E) -> None:
     obs.guest_counter(e2e.cluster, NODE2, name)
 
 
+def test_grow_disk_reaches_the_running_guest(e2e: E2E) -> None:
+    """``grow-disk`` on Ganeti 3.1 tells QEMU (ResizeDisk): the running guest sees the size."""
+    if e2e.cluster.version == "3.0":
+        pytest.skip("Ganeti 3.0's grow-disk does not tell the hypervisor (it has no ResizeDisk)")
+    name = _need_instance(e2e)
+    e2e.ensure_running(name, NODE1)
+    node = e2e.primary(name)
+    before = int(in_guest(e2e, node, name, "cat /sys/block/vda/size").strip()) * 512
+    e2e.gnt("gnt-instance", "grow-disk", name, "0", "1G", step="grow-disk")
+    grown = before + (1 << 30)
+    drives = {b["device"]: b["inserted"]["image"]["virtual-size"]
+              for b in qmp(e2e, node, name, "query-block") if "inserted" in b}
+    assert grown in drives.values(), drives
+    wait_for("the guest seeing the grown disk", lambda: int(
+        in_guest(e2e, node, name, "cat /sys/block/vda/size").strip()) * 512 == grown)
+    obs.guest_counter(e2e.cluster, node, name)
+
+
 def status_becomes(e2e: E2E, name: str, wanted: str) -> None:
     wait_for(f"gnt-instance list showing {name} {wanted}",
              lambda: e2e.fields(name, "status")["status"] == wanted)

@@ -100,12 +100,11 @@ def test_hotplug_on_a_stopped_instance_is_refused(short_dir: str) -> None:
              lambda: hv.VerifyHotplugSupport(inst, "hotadd", "disk"),
              lambda: hv.HotAddDevice(inst, "nic", nic, None, 1),
              lambda: hv.HotDelDevice(inst, "nic", nic, None, 1),
-             lambda: hv.HotModDevice(inst, "nic", nic, None, 1)]
+             lambda: hv.HotModDevice(inst, "nic", nic, None, 1),
+             lambda: hv.ResizeDisk(inst, {"uuid": "d1", "iv_name": "disk/0"}, 1 << 30)]
     for call in calls:
         with pytest.raises(_ganeti.HotplugError, match="instance hp1: it is not running"):
             call()
-    with pytest.raises(_ganeti.HotplugError, match="not supported by ganeti-kvm yet"):
-        hv.ResizeDisk(inst, None, 1 << 30)
 
 
 def test_errors_leave_as_ganetis_hypervisor_error(short_dir: str) -> None:

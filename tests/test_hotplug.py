@@ -401,6 +401,38 @@ def test_refusals_name_the_instance_and_what_to_do(g3: KVMHypervisor, qemu_bin: 
         g3.HotDelDevice(inst, "nic", nic_object(3), None, 0)
 
 
+def test_a_grown_disk_is_told_to_qemu(g3: KVMHypervisor, qemu_bin: str,
+                                      short_dir: str) -> None:
+    """ResizeDisk (Ganeti 3.1's grow-disk): a -drive disk and a hotplugged one take their
+    grown size in QEMU; a smaller size and an unknown disk are refused."""
+    first = make_disk(os.path.join(short_dir, "d0.img"), "first")
+    added = make_disk(os.path.join(short_dir, "d1.img"), "added")
+    inst = g3_instance("hpr", guestless(qemu_bin))
+    g3.StartInstance(inst, [(disk_object(0), first, None)], True)
+    g3.HotAddDevice(inst, "disk", disk_object(1), [added, None], 1)
+
+    def sizes() -> dict[str, int]:
+        found = {b["inserted"]["file"]: b["inserted"]["image"]["virtual-size"]
+                 for b in g3.node.qmp("hpr", "query-block") if "inserted" in b}
+        found.update({n["file"]: n["image"]["virtual-size"]
+                      for n in g3.node.qmp("hpr", "query-named-block-nodes")
+                      if n.get("drv") == "raw"})
+        return found
+
+    mib = 1 << 20
+    assert sizes() == {first: 4 * mib, added: 4 * mib}
+    for path in (first, added):
+        os.truncate(path, 12 * mib)  # Ganeti grows the storage first
+    g3.ResizeDisk(inst, {"uuid": "disk-uuid-0", "iv_name": "disk/0"}, 12 * mib)
+    g3.ResizeDisk(inst, {"uuid": None, "iv_name": "disk/1"}, 12 * mib)  # by its index
+    assert sizes() == {first: 12 * mib, added: 12 * mib}
+    with pytest.raises(_ganeti.HotplugError, match="hpr.*less than.*only grows"):
+        g3.ResizeDisk(inst, disk_object(0), 8 * mib)
+    with pytest.raises(_ganeti.HotplugError, match="Cannot find disk disk-uuid-7 of instance"):
+        g3.ResizeDisk(inst, disk_object(7), 16 * mib)
+    assert os.path.getsize(first) == 12 * mib  # nothing was cut
+
+
 def test_a_failed_add_leaves_nothing_behind(g3n: KVMHypervisor, qemu_bin: str, ns: str,
                                             short_dir: str) -> None:
     g3 = g3n

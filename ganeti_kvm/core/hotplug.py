@@ -368,6 +368,54 @@ def remove_disk(node: KvmNode, name: str, uuid: str | None, index: int | None,
         log.info("Instance %s: hot-removed disk %s (%s)", name, uuid or index, ident.id)
 
 
+def _virtual_size(client: QmpClient, backend: str) -> int | None:
+    """The size (bytes) QEMU gives the guest for the disk ``backend`` (a -drive or a node)."""
+    for block in client.execute("query-block"):
+        if block.get("device") == backend and "inserted" in block:
+            return int(block["inserted"]["image"]["virtual-size"])
+    for node in client.execute("query-named-block-nodes"):
+        if node.get("node-name") == backend:
+            return int(node["image"]["virtual-size"])
+    return None
+
+
+def resize_disk(node: KvmNode, name: str, uuid: str | None, index: int | None,
+                size: int) -> None:
+    """Tell running instance ``name``'s QEMU that its disk ``uuid`` (or at ``index``) grew
+    to ``size`` bytes (QMP ``block_resize``); the guest's driver sees the new size.
+
+    The storage has grown already (the cluster manager grows it first).  A
+    smaller size is refused: QEMU would cut a file disk down to it.
+    """
+    what = f"grow disk {uuid or index} in QEMU"
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise _fail(name, what, f"the new size must be a whole number of bytes, not {size!r}",
+                    "give the disk's new size")
+    with node.locked(name, "resize disk") as paths:
+        record = _running_record(node, name, what)
+        entry = record.disks[find_entry(record.disks, uuid, index, DISK, name)]
+        backend = _identity_for_removal(entry, name, what).backend
+        with QmpClient(paths.qmp_long_socket, timeout=QMP_TIMEOUT) as client:
+            current = _virtual_size(client, backend)
+            if current is None:
+                raise _fail(name, what, f"QEMU has no disk {backend}",
+                            "restart the instance to see the new size")
+            if size < current:
+                raise _fail(name, what, f"{size} bytes is less than the {current} bytes it "
+                            "has; a disk only grows", "give the grown size")
+            if size == current:
+                return
+            target = ({"node-name": backend} if backend in _block_nodes(client)
+                      else {"device": backend})
+            try:
+                client.execute("block_resize", {**target, "size": size})
+            except errors.QmpCommandError as err:
+                raise _fail(name, what, f"QEMU said: {err.desc or err}",
+                            "check that the disk grew, then retry or restart the "
+                            "instance") from err
+    log.info("Instance %s: disk %s grown to %d bytes in QEMU", name, uuid or index, size)
+
+
 # --- NICs ----------------------------------------------------------------------------
 
 

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _SERIAL_SOCAT = "STDIO,raw,echo=0,escape=0x1d"
-_NOT_YET = "is not supported by ganeti-kvm yet"
 
 
 def _as_ganeti_errors(func: F) -> F:
@@ -103,6 +102,16 @@ def block_devices_of(block_devices: Any) -> list[cmdline.BlockDevice]:
     return [dataclasses.replace(d, shared=_on_shared_storage(entry[0]),
                                 uuid=_str_or_none(_attr(entry[0], "uuid")))
             for d, entry in zip(disks, entries, strict=True)]
+
+
+def _disk_index(disk: Any) -> int | None:
+    """The index in Ganeti's ``iv_name`` (``disk/N``) of ``disk``, or None."""
+    iv_name = _attr(disk, "iv_name")
+    prefix = "disk/"
+    if isinstance(iv_name, str) and iv_name.startswith(prefix) and \
+            iv_name[len(prefix):].isdigit():
+        return int(iv_name[len(prefix):])
+    return None
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -540,8 +549,9 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
                                       f"{problem}; change it with a restart")
         hotplug.modify_nic(self.node, name, _hotplug_nic(instance, device), seq)
 
+    @_as_hotplug_errors
     def ResizeDisk(self, instance: Any, disk: Any, new_size: int) -> None:
-        """Telling QEMU of a grown disk (Ganeti 3.1): not supported yet (``HotplugError``)."""
-        raise _ganeti.HotplugError(
-            f"Resizing a disk of running instance {_attr(instance, 'name')} {_NOT_YET}; "
-            "restart the instance to see the new size")
+        """Tell QEMU that ``disk`` of the running instance grew to ``new_size`` bytes
+        (Ganeti 3.1's grow-disk): the guest sees the new size without a restart."""
+        hotplug.resize_disk(self.node, _name(instance), _str_or_none(_attr(disk, "uuid")),
+                            _disk_index(disk), new_size)
