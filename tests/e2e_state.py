@@ -10,6 +10,7 @@ is back, byte for byte.  ``GANETI_KVM_E2E_DRIVER`` picks the driver (see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -250,8 +251,10 @@ def built_package() -> str:
     return debpkg.build()
 
 
-def _module_state(cluster: Cluster, deb: str) -> Iterator[E2E]:
-    state = E2E(cluster, deb)
+@contextlib.contextmanager
+def left_clean(state: E2E, finish: Callable[[E2E], None]) -> Iterator[E2E]:
+    """``state`` for a block; then its instances are removed and the package is
+    purged (the driver switched back), also when the block failed; ``finish`` last."""
     try:
         yield state
         for name in list(state.added):
@@ -261,7 +264,12 @@ def _module_state(cluster: Cluster, deb: str) -> Iterator[E2E]:
             if state.ours_installed or package_status() != "not-installed":
                 state.cleanup_package()
         finally:
-            _report(state)
+            finish(state)
+
+
+def _module_state(cluster: Cluster, deb: str) -> Iterator[E2E]:
+    with left_clean(E2E(cluster, deb), _report) as state:
+        yield state
     assert not state.added, f"instances left on the cluster: {state.added}"
     assert host_ganeti.driver_digests() == state.bundled
 

@@ -25,7 +25,7 @@ from tests import cluster as gc
 from tests import ganeti_observe as obs
 from tests import host_ganeti
 from tests.cluster import Cluster
-from tests.e2e_state import E2E, built_package, driver_status, package_status
+from tests.e2e_state import E2E, built_package, driver_status, left_clean, package_status
 
 FROM_VERSION, TO_VERSION = "3.0", "3.1"
 UPGRADE_TIMEOUT = 600.0
@@ -44,20 +44,15 @@ def upgrade_state(guest: Any) -> Iterator[E2E]:
         assert driver_status() == "bundled"
         assert package_status() == "not-installed"
         cluster = Cluster(kernel=guest.kernel, initrd=guest.initrd, version=FROM_VERSION)
-        state = E2E(cluster, deb)
-        try:
+
+        def finish(state: E2E) -> None:
+            cluster.down()
+            print("\nupgrade test step times:\n" + "\n".join(
+                f"  {step:36} {seconds:6.1f} s" for step, seconds in state.timings.items()))
+
+        with left_clean(E2E(cluster, deb), finish) as state:
             cluster.up()
             yield state
-            for name in list(state.added):
-                state.remove(name)
-        finally:
-            try:
-                if state.ours_installed or package_status() != "not-installed":
-                    state.cleanup_package()
-            finally:
-                cluster.down()
-                print("\nupgrade test step times:\n" + "\n".join(
-                    f"  {step:36} {seconds:6.1f} s" for step, seconds in state.timings.items()))
         assert cluster.leftovers() == []
         assert host_ganeti.driver_digests() == state.bundled
     changed = [path for path, digest in gc.host_snapshot().items() if before[path] != digest]

@@ -368,14 +368,15 @@ def remove_disk(node: KvmNode, name: str, uuid: str | None, index: int | None,
         log.info("Instance %s: hot-removed disk %s (%s)", name, uuid or index, ident.id)
 
 
-def _virtual_size(client: QmpClient, backend: str) -> int | None:
-    """The size (bytes) QEMU gives the guest for the disk ``backend`` (a -drive or a node)."""
-    for block in client.execute("query-block"):
-        if block.get("device") == backend and "inserted" in block:
-            return int(block["inserted"]["image"]["virtual-size"])
+def _sized_target(client: QmpClient, backend: str) -> tuple[dict[str, str], int] | None:
+    """How ``block_resize`` names the disk ``backend``, and the size (bytes) QEMU gives
+    the guest: a node ``blockdev-add`` made, or a -drive of the command line."""
     for node in client.execute("query-named-block-nodes"):
         if node.get("node-name") == backend:
-            return int(node["image"]["virtual-size"])
+            return {"node-name": backend}, int(node["image"]["virtual-size"])
+    for block in client.execute("query-block"):
+        if block.get("device") == backend and "inserted" in block:
+            return {"device": backend}, int(block["inserted"]["image"]["virtual-size"])
     return None
 
 
@@ -396,17 +397,16 @@ def resize_disk(node: KvmNode, name: str, uuid: str | None, index: int | None,
         entry = record.disks[find_entry(record.disks, uuid, index, DISK, name)]
         backend = _identity_for_removal(entry, name, what).backend
         with QmpClient(paths.qmp_long_socket, timeout=QMP_TIMEOUT) as client:
-            current = _virtual_size(client, backend)
-            if current is None:
+            found = _sized_target(client, backend)
+            if found is None:
                 raise _fail(name, what, f"QEMU has no disk {backend}",
                             "restart the instance to see the new size")
+            target, current = found
             if size < current:
                 raise _fail(name, what, f"{size} bytes is less than the {current} bytes it "
                             "has; a disk only grows", "give the grown size")
             if size == current:
                 return
-            target = ({"node-name": backend} if backend in _block_nodes(client)
-                      else {"device": backend})
             try:
                 client.execute("block_resize", {**target, "size": size})
             except errors.QmpCommandError as err:
