@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import signal
@@ -164,6 +165,24 @@ def raw_qmp_status(path: str) -> None:
             received += chunk
 
 
+class Teardown(logging.Handler):
+    """Keeps what ganeti-kvm logs of the kernel's teardown of a migration's source
+    QEMU (from SIGKILL until it was gone), in milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last_ms: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "after SIGKILL" in record.msg and isinstance(record.args, tuple) \
+                and record.args and isinstance(record.args[-1], float):
+            self.last_ms = record.args[-1]
+
+    def take(self) -> float | None:
+        value, self.last_ms = self.last_ms, None
+        return value
+
+
 class Node:
     """Both drivers on this node, the instances they run and their serial ports."""
 
@@ -176,6 +195,10 @@ class Node:
         self.reaper = reaper
         self.instances: dict[str, Any] = {}
         self.serials: dict[str, Serial] = {}
+        self.teardown = Teardown()
+        logger = logging.getLogger("ganeti_kvm.core.migration")
+        logger.addHandler(self.teardown)
+        logger.setLevel(logging.DEBUG)
 
     def hv(self, driver: str) -> Any:
         """A fresh driver object, as the node daemon makes one per call."""
@@ -374,7 +397,8 @@ class Node:
                     "downtime_ms": after.downtime_ms}
         elapsed = time.perf_counter() - started
         return {"t": elapsed, "status": final.status, "total_time_ms": final.total_time_ms,
-                "downtime_ms": final.downtime_ms, "step": final.step}
+                "downtime_ms": final.downtime_ms, "step": final.step,
+                "teardown_ms": self.teardown.take()}
 
     def _migrate_master(self, driver: str, name: str, bound: float | None) -> dict[str, Any]:
         """MigrateInstance, then GetMigrationStatus every second as Ganeti's master
@@ -411,10 +435,12 @@ class Node:
         query = qmp_execute(qmp_path, "query-migrate", timeout=10)
         success = status.status == constants.HV_MIGRATION_COMPLETED
         finalize_started = time.perf_counter()
+        self.teardown.take()
         self.hv(driver).FinalizeMigrationSource(inst, success, True)
         elapsed = seen + time.perf_counter() - finalize_started
         return {"t": elapsed, "status": status.status,
-                "total_time_ms": query.get("total-time"), "downtime_ms": query.get("downtime")}
+                "total_time_ms": query.get("total-time"), "downtime_ms": query.get("downtime"),
+                "teardown_ms": self.teardown.take()}
 
     def op_migrate(self, driver: str, name: str, limit: float | None = None,
                    master: bool | None = None) -> dict[str, Any]:

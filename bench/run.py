@@ -385,7 +385,7 @@ def run_peer(base: str, guest, quick: bool) -> None:  # noqa: ANN001
         measurement("10. Ganeti 3.0: live migration",
                     lambda: sidebyside.bench_migration(
                         made[0] if made else node(), node(), guest,
-                        [128] if quick else [128, 1024], 3 if quick else 5), table)
+                        [128] if quick else [128, 1024], 3 if quick else 7), table)
         measurement("11. Ganeti 3.0: the dirtying guest",
                     lambda: sidebyside.bench_dirty(made[0], node(), guest,
                                                    15.0 if quick else None), table)

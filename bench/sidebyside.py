@@ -30,6 +30,9 @@ from tests.guestimage import dirtying_command
 from tests.helpers import free_port
 
 DRIVERS = ("ours", "peer")
+# How each migration is driven: ours in one call of the library, ours as
+# Ganeti's master drives it, and the peer (only as the master drives it).
+MODES = {"ours": ("ours", False), "ours-master": ("ours", True), "peer": ("peer", True)}
 TARGET_CALL = "ours ≤ Ganeti 3.0"
 # The dirtying guest (issue 15): it rewrites 160 MiB of its 256 MiB in a loop,
 # migrated at 32 MiB/s with a 30 ms downtime limit.
@@ -55,18 +58,30 @@ TABLE_PEER.notes += [
     "exited QEMUs at once, as systemd reaps a node daemon's orphans: this machine's "
     "PID 1 reaps lazily, and Ganeti's `KillProcess` counts a zombie as alive.",
     "Samples of ours and the peer's are taken in turn; QEMU 7.2 under TCG. "
-    "Migration: ours is the library's own `migrate` (woken by QEMU's events); the "
-    "peer's is `MigrateInstance`, then `GetMigrationStatus` every second as Ganeti's "
-    "master does (the driver itself waits 2 s more when QEMU is in a state it does not "
-    "know, such as `setup`), then `FinalizeMigrationSource`; QEMU's total-time and "
-    "downtime are read from the source monitor. Ours sets the migration's capabilities "
-    "and parameters in `MigrationInfo` (untimed, called before `AcceptInstance`) and only "
-    "checks them in its timed call; Ganeti 3.0 sets them in its timed `MigrateInstance`.",
+    "Migration is driven two ways. As Ganeti's master drives it (both drivers): "
+    "`MigrateInstance`, then `GetMigrationStatus`, sleeping a second after each "
+    "`active` (Ganeti 3.0's driver itself waits 2 s more when QEMU is in a state it does "
+    "not know, such as `setup`; ours answers when the migration ends or after 5 s), then "
+    "`FinalizeMigrationSource`; QEMU's total-time and downtime are read from the source "
+    "monitor in between, untimed. In one call (ours only): the library's own `migrate`, "
+    "woken by QEMU's events. Ours sets the migration's capabilities and parameters in "
+    "`MigrationInfo` (untimed, called before `AcceptInstance`), so that its timed call "
+    "starts the migration in one write; Ganeti 3.0 sets them in its timed "
+    "`MigrateInstance`.",
     "Rows marked \"every CPU kept busy\": in the same rounds as the quiet ones, the "
-    "bench starts one busy loop per CPU (pinned to it, nice 0) before the two "
+    "bench starts one busy loop per CPU (pinned to it, nice 0) before the "
     "migrations of the round and kills them by PID after. The dirtying guest has "
     "`migration_caps` postcopy-ram for both drivers (Ganeti 3.0 switches to post-copy "
     "after QEMU's second pass over the RAM); on QEMU 10.0 only ours runs.",
+    "\"Start to source gone\" ends when the source QEMU process no longer exists: Ganeti "
+    "releases the disks on the source right after FinalizeMigrationSource (DRBD "
+    "secondary, RBD unmap), which needs QEMU's file descriptors closed, and the kernel "
+    "closes them only after it has taken the process's memory apart. On this machine "
+    "(a paravirtualised guest itself) that teardown costs about 65 µs per MiB of a "
+    "process's small pages: 3-4 ms for a TCG QEMU, 2 ms even for `qemu -machine none`, "
+    "13 ms for a Python holding 200 MiB. The rows \"the kernel's teardown\" give it as "
+    "the library measures it (SIGKILL until its pidfd reports the exit) and the wall "
+    "without it.",
 ]
 
 
@@ -233,12 +248,16 @@ class Placement:
 
 
 def migrate_once(place: Placement, driver: str, name: str,
-                 limit: float | None = None) -> dict[str, Any]:
-    """One migration the way Ganeti sequences it; the source's figures."""
+                 limit: float | None = None, master: bool | None = None) -> dict[str, Any]:
+    """One migration the way Ganeti sequences it; the source's figures.
+
+    ``master``: the source's part as Ganeti's master drives it (see
+    :meth:`bench.peer.Worker.op_migrate`); the default is the driver's own.
+    """
     info = place.source("migration_info", driver=driver, name=name)
     place.target("accept", driver=driver, name=name, info=info)
     try:
-        result = place.source("migrate", driver=driver, name=name, limit=limit)
+        result = place.source("migrate", driver=driver, name=name, limit=limit, master=master)
     except BaseException:
         place.target("finalize_dst", driver=driver, name=name, info=info, success=False)
         raise
@@ -272,27 +291,31 @@ def bench_migration(a: PeerNode, b: PeerNode, guest: Any, sizes: list[int],
             for driver in DRIVERS:
                 migrate_once(places[driver], driver, names[driver])
             results: dict[tuple[str, str], list[dict[str, Any]]] = {
-                (cond, d): [] for cond in (QUIET, BUSY) for d in DRIVERS}
+                (cond, m): [] for cond in (QUIET, BUSY) for m in MODES}
             # QEMU 7.2 can report "completed" before it filled in total-time (0):
             # such a migration gives no figure to compare and is left out.
             zero = dict.fromkeys(results, 0)
+            modes = list(MODES)
             for i in range(3 * samples):
                 for cond in (QUIET, BUSY):
                     with busy_cpus() if cond == BUSY else contextlib.nullcontext():
-                        for driver in order(i):
-                            if len(results[cond, driver]) >= samples:
+                        # Each mode leads in turn.
+                        for mode in modes[i % 3:] + modes[:i % 3]:
+                            if len(results[cond, mode]) >= samples:
                                 continue
-                            result = migrate_once(places[driver], driver, names[driver])
+                            driver, master = MODES[mode]
+                            result = migrate_once(places[driver], driver, names[driver],
+                                                  master=master)
                             if result["status"] != "completed":
-                                raise RuntimeError(f"{driver}: migration of {memory} MiB "
+                                raise RuntimeError(f"{mode}: migration of {memory} MiB "
                                                    f"({cond}) ended {result}")
                             if result["total_time_ms"]:
-                                results[cond, driver].append(result)
+                                results[cond, mode].append(result)
                             else:
-                                zero[cond, driver] += 1
+                                zero[cond, mode] += 1
             for cond in (QUIET, BUSY):
-                migration_rows(memory, cond, {d: results[cond, d] for d in DRIVERS},
-                               {d: zero[cond, d] for d in DRIVERS})
+                migration_rows(memory, cond, {m: results[cond, m] for m in MODES},
+                               {m: zero[cond, m] for m in MODES})
         finally:
             for driver, place in places.items():
                 stop_quietly(place.source, driver, names[driver])
@@ -308,25 +331,47 @@ def migration_rows(memory: int, cond: str, results: dict[str, list[dict[str, Any
         label += (f", every CPU kept busy by another process ({os.cpu_count()} busy loops, "
                   "one pinned per CPU, nice 0)")
 
-    def middle(driver: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[driver])
+    def middle(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[mode])
 
-    counts = ", ".join(f"{len(results[d])} of {d if d == 'ours' else 'Ganeti 3.0'}"
-                       for d in DRIVERS) + " (after one not counted)"
-    skipped = "".join(f"; {zero[d]} of {d} left out (QEMU said total-time 0)"
-                      for d in DRIVERS if zero[d])
-    wall = {d: middle(d, "t") for d in DRIVERS}
-    total = {d: middle(d, "total_time_ms") / 1000 for d in DRIVERS}
-    down = {d: middle(d, "downtime_ms") / 1000 for d in DRIVERS}
-    ratio = {d: wall[d] / total[d] for d in DRIVERS}
+    names = {"ours": "ours in one call", "ours-master": "ours driven as Ganeti's master "
+             "drives it", "peer": "Ganeti 3.0"}
+    counts = ", ".join(f"{len(results[m])} of {names[m]}" for m in MODES) \
+        + " (after one of each driver not counted)"
+    skipped = "".join(f"; {zero[m]} of {names[m]} left out (QEMU said total-time 0)"
+                      for m in MODES if zero[m])
+    wall = {m: middle(m, "t") for m in MODES}
+    total = {m: middle(m, "total_time_ms") / 1000 for m in MODES}
+    down = {m: middle(m, "downtime_ms") / 1000 for m in MODES}
+    ratio = {m: wall[m] / total[m] for m in MODES}
     compare(f"live migration {label} (idle guest, 1000 MiB/s), median of {counts}{skipped}: "
-            "wall, start to source gone", wall["ours"], wall["peer"],
+            "wall, start to source gone; ours in one call", wall["ours"], wall["peer"],
             target="ours < 1.1x ours' QEMU total-time",
             met=ratio["ours"] < 1.1,
             ours_note=f" ({ratio['ours']:.3f}x its total-time)",
             peer_note=f" ({ratio['peer']:.3f}x its total-time)")
-    compare(f"live migration {label}: QEMU total-time", total["ours"], total["peer"])
-    compare(f"live migration {label}: QEMU downtime", down["ours"], down["peer"])
+    compare(f"live migration {label}: wall, start to source gone; both driven as Ganeti's "
+            "master drives them (MigrateInstance, GetMigrationStatus, a second's sleep after "
+            "each `active`, FinalizeMigrationSource)", wall["ours-master"], wall["peer"],
+            target="ours < 1.1x ours' QEMU total-time",
+            met=ratio["ours-master"] < 1.1,
+            ours_note=f" ({ratio['ours-master']:.3f}x its total-time)",
+            peer_note=f" ({ratio['peer']:.3f}x its total-time)")
+    for mode in ("ours", "ours-master"):
+        teardown = [r["teardown_ms"] for r in results[mode] if r.get("teardown_ms")]
+        if len(teardown) != len(results[mode]):
+            continue  # the library did not say (it logs it at debug level)
+        rest = statistics.median(r["t"] - r["teardown_ms"] / 1000 for r in results[mode])
+        how = "in one call" if mode == "ours" else "driven as Ganeti's master drives it"
+        row(f"live migration {label}, ours {how}: the kernel's teardown of the source QEMU "
+            "(SIGKILL until it is gone), and the wall without it",
+            f"teardown {ms(statistics.median(teardown) / 1000)}; the rest {ms(rest)} "
+            f"({rest / total[mode]:.3f}x its total-time)", "-", "-",
+            "n/a (the machine's: see the note)", None, table=TABLE_PEER)
+    for mode, how in (("ours", "in one call"), ("ours-master", "driven as the master does")):
+        compare(f"live migration {label}: QEMU total-time, ours {how}", total[mode],
+                total["peer"])
+        compare(f"live migration {label}: QEMU downtime, ours {how}", down[mode], down["peer"])
 
 
 def bench_dirty(a: PeerNode, b: PeerNode, guest: Any, limit: float | None) -> None:

@@ -141,15 +141,16 @@ def test_get_migration_status_reports_the_cores_verdict(
 
     verdict = core.MigrationStatus(status="failed", transferred=30, total=100,
                                    error="the migration made no progress for 30 s")
-    polled: list[str] = []
+    polled: list[tuple[str, float]] = []
 
-    def poll(node: Any, name: str) -> core.MigrationStatus:
-        polled.append(name)
+    def poll(node: Any, name: str, wait: float) -> core.MigrationStatus:
+        polled.append((name, wait))
         return verdict
 
     monkeypatch.setattr(core, "poll", poll)
     status = g3.GetMigrationStatus({"name": "m1"})
-    assert polled == ["m1"]
+    # It waits for the end, so that Ganeti's master sees it when it happens.
+    assert polled == [("m1", migration.STATUS_WAIT)] and migration.STATUS_WAIT > 1
     assert (status.status, status.transferred_ram, status.total_ram) == ("failed", 30, 100)
 
 

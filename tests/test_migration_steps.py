@@ -22,7 +22,7 @@ import pytest
 
 from ganeti_kvm import constants as c
 from ganeti_kvm import errors
-from ganeti_kvm.core import migration
+from ganeti_kvm.core import migration, migration_ready
 from ganeti_kvm.core.migration import MigrationState, MigrationStatus
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.hv_kvm import KVMHypervisor
@@ -165,7 +165,7 @@ def test_poll_cancels_even_when_the_state_cannot_be_saved(
     now = time.monotonic()
     migration.save_state(node.paths("f1"), _state(now - 100, deadline=now - 50, limit=50))
 
-    def disk_full(path: str, data: Any, mode: int = 0o600) -> None:
+    def disk_full(path: str, data: Any, mode: int = 0o600, durable: bool = True) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(migration.fsutil, "atomic_write", disk_full)
@@ -340,6 +340,86 @@ def test_migrate_starts_at_once_when_qemu_has_the_settings(fake_source: Any) -> 
     assert fake.commands == [*SURVEY, "migrate", "query-migrate"] and ended == ["f1"]
 
 
+def _note(node: KvmNode, pid: int = 4242, tcg: bool = False,
+          settings: migration.Settings = FakeSource.SETTINGS) -> None:
+    migration_ready.save(node.paths("f1"), migration_ready.Prepared(
+        pid, tcg, tuple(settings.capabilities()), settings.parameters()))
+
+
+def test_a_migration_set_up_by_migration_info_starts_in_one_write(fake_source: Any) -> None:
+    # The note says QEMU 4242 has these very settings: no survey, no settings.
+    fake = FakeSource(prepared=True)
+    node, ended = fake_source(fake)
+    _note(node)
+    assert migration.migrate(node, "f1", "127.0.0.1", True).status == "completed"
+    assert fake.commands == ["query-migrate", "migrate", "query-migrate"] and ended == ["f1"]
+    # Used up: a migration may escalate its parameters, so the next one asks
+    # QEMU again (test_migrate_starts_at_once_when_qemu_has_the_settings).
+    assert not os.path.exists(node.paths("f1").migration_prepared)
+
+
+@pytest.mark.parametrize("note", [
+    {"pid": 4243},  # another QEMU (the instance was restarted since)
+    {"settings": migration.Settings(50, 30, (), True)},  # the bandwidth changed since
+    {"tcg": True},  # a guest under TCG: its throttle may differ (see _throttle_is_safe)
+])
+def test_a_note_for_another_qemu_or_other_settings_is_not_trusted(
+        fake_source: Any, monkeypatch: pytest.MonkeyPatch, note: dict[str, Any]) -> None:
+    monkeypatch.setattr(migration, "_throttle_is_safe", lambda *args, **kwargs: not note.get(
+        "tcg", False))
+    fake = FakeSource(prepared=True)
+    node, ended = fake_source(fake)
+    _note(node, **note)
+    assert migration.migrate(node, "f1", "127.0.0.1", True).status == "completed"
+    assert fake.commands[:len(SURVEY)] == SURVEY and ended == ["f1"]
+    assert not os.path.exists(node.paths("f1").migration_prepared)  # used up all the same
+
+
+def test_a_noted_start_into_a_running_migration_leaves_it_alone(fake_source: Any) -> None:
+    # Someone else's migration runs (not the library's: it would have used
+    # the note up): QEMU refuses the second migrate, and nothing is cancelled.
+    fake = FakeSource(finish_after=10.0, refuse=("migrate",), prepared=True)
+    fake.status = "active"
+    node, ended = fake_source(fake)
+    _note(node)
+    with pytest.raises(errors.MigrationError, match="already migrating"):
+        migration.migrate(node, "f1", "127.0.0.1", True)
+    assert fake.commands == ["query-migrate", "migrate"] and ended == []
+    assert not os.path.exists(node.paths("f1").migration_state)
+
+
+def test_a_noted_start_that_qemu_refuses_keeps_the_instance_running(
+        fake_source: Any) -> None:
+    fake = FakeSource(refuse=("migrate",), prepared=True)
+    node, ended = fake_source(fake)
+    _note(node)
+    with pytest.raises(errors.MigrationError,
+                       match="Cannot start migrating instance f1 .*migrate: no.*keeps running"):
+        migration.migrate(node, "f1", "127.0.0.1", True)
+    assert "migrate_cancel" not in fake.commands and ended == []
+    assert not os.path.exists(node.paths("f1").migration_state)
+
+
+def test_the_note_is_private_and_a_bad_one_is_ignored(short_dir: str) -> None:
+    node = KvmNode(os.path.join(short_dir, "run"))
+    node.ensure_dirs()
+    paths = node.paths("n1")
+    note = migration_ready.Prepared(7, True, ("events",), {"downtime-limit": 30})
+    migration_ready.save(paths, note)
+    assert stat.S_IMODE(os.stat(paths.migration_prepared).st_mode) == 0o600
+    assert migration_ready.take(paths) == note
+    assert migration_ready.take(paths) is None  # taken
+    for bad in ('{"pid": "7", "tcg": true, "capabilities": [], "parameters": {}}',
+                '{"pid": 7, "tcg": true, "capabilities": [], "parameters": {"a": true}}',
+                "[1]", "{not json", "\xff"):
+        with open(paths.migration_prepared, "w", encoding="utf-8") as handle:
+            handle.write(bad)
+        assert migration_ready.take(paths) is None
+        assert not os.path.exists(paths.migration_prepared)
+    assert paths.migration_prepared in paths.runtime_files()
+    assert paths.migration_prepared in paths.control_files()
+
+
 def test_configured_wants_every_capability_and_parameter() -> None:
     settings = migration.Settings(32, 30, ("postcopy-ram",), throttle=True)
     caps = frozenset(["events", "auto-converge", "postcopy-ram", "xbzrle"])
@@ -475,6 +555,51 @@ def test_start_poll_finish_moves_the_instance(nodes: tuple[KVMHypervisor, KVMHyp
     assert not os.path.exists(paths.migration_state)
     assert not os.path.exists(paths.runtime_file)
     assert target.node.qmp("st1", "query-status")["status"] == "running"
+
+
+def test_a_migration_set_up_ahead_starts_without_asking_and_a_poll_waits_for_its_end(
+        nodes: tuple[KVMHypervisor, KVMHypervisor], qemu_bin: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = nodes
+    inst = bare_instance("st6", qemu_bin, free_port())
+    source.StartInstance(inst, [], startup_paused=False)
+    info = source.MigrationInfo(inst)
+    paths = source.node.paths("st6")
+    with open(paths.migration_prepared, encoding="utf-8") as handle:
+        note = json.load(handle)
+    assert note["pid"] == source.node.running_pid("st6") and note["tcg"] is True
+    assert stat.S_IMODE(os.stat(paths.migration_prepared).st_mode) == 0o600
+    target.AcceptInstance(inst, info, "127.0.0.1")
+
+    def survey(self: Any) -> None:
+        raise AssertionError("the migration asked QEMU what MigrationInfo had set up")
+
+    monkeypatch.setattr(migration._QmpMonitor, "survey", survey)
+    migration.start(source.node, "st6", "127.0.0.1", live=True)
+    assert not os.path.exists(paths.migration_prepared)
+    # One poll that waits sees the end (a guest-less VM moves in well under a second).
+    final = migration.poll(source.node, "st6", wait=POLL_BOUND)
+    assert final.status == "completed" and final.total_time_ms
+    assert source.node.qmp("st6", "query-migrate-parameters")["max-bandwidth"] == 1000 * 2**20
+    migration.finish_source(source.node, "st6", success=True)
+    target.FinalizeMigration(inst, info, True)
+    assert source.ListInstances() == [] and target.ListInstances() == ["st6"]
+    assert not os.listdir(source.node.layout.ctrl_dir)  # sockets gone with it
+
+
+def test_a_waiting_poll_answers_at_its_bound_while_the_migration_goes_on(
+        hv: KVMHypervisor, qemu_bin: str, sink: int) -> None:
+    inst = bare_instance("st7", qemu_bin, sink, memory=4096)
+    hv.StartInstance(inst, [], startup_paused=False)
+    migration.start(hv.node, "st7", "127.0.0.1", live=True)
+    began = time.monotonic()
+    assert migration.poll(hv.node, "st7", wait=0.3).status in migration.ONGOING
+    assert time.monotonic() - began >= 0.3  # it watched, not just asked
+    with pytest.raises(errors.MigrationError, match="seconds from 0 up"):
+        migration.poll(hv.node, "st7", wait=-1)
+    migration.cancel(hv.node, "st7")
+    migration.finish_source(hv.node, "st7", success=False)
+    assert hv.node.qmp("st7", "query-status")["status"] == "running"
 
 
 def test_a_cancelled_non_live_migration_lets_the_source_run_on(

@@ -76,8 +76,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from ganeti_kvm import errors
+from ganeti_kvm.core import migration_ready, params, pinning, runtime
 from ganeti_kvm.core import names as c
-from ganeti_kvm.core import params, pinning, runtime
 from ganeti_kvm.core.node import KvmNode
 from ganeti_kvm.host import fsutil, process
 from ganeti_kvm.host.paths import InstancePaths
@@ -274,10 +274,16 @@ def load_state(paths: InstancePaths) -> MigrationState | None:
 
 
 def save_state(paths: InstancePaths, state: MigrationState) -> MigrationState:
-    """Write ``state`` atomically (mode 0600); returns it with its mark saved."""
+    """Write ``state`` atomically (mode 0600); returns it with its mark saved.
+
+    Without fsync: the state of a migration means nothing once the node
+    has crashed (its QEMUs are gone with it), and an fsync costs the
+    migration's start as much as QEMU's own set-up.
+    """
     saved = dataclasses.replace(state, saved_moved=state.last_moved)
     try:
-        fsutil.atomic_write(paths.migration_state, json.dumps(saved.to_dict(), sort_keys=True))
+        fsutil.atomic_write(paths.migration_state, json.dumps(saved.to_dict(), sort_keys=True),
+                            durable=False)
     except OSError as err:
         raise errors.HypervisorError(
             f"Cannot save the migration state of instance {paths.name} at "
@@ -467,6 +473,7 @@ class _Monitor(Protocol):
     def command(self, command: str) -> None: ...
     def configure(self, settings: Settings) -> None: ...
     def start_migration(self, uri: str, settings: Settings | None) -> None: ...
+    def start_prepared(self, uri: str) -> MigrationStatus: ...
     def set_parameters(self, parameters: dict[str, int]) -> None: ...
     def wait(self, timeout: float) -> str | None: ...
     def settle(self, status: MigrationStatus) -> MigrationStatus: ...
@@ -523,6 +530,23 @@ class _QmpMonitor:
         """
         requests = self._settings_requests(settings) if settings is not None else []
         _returns(self.client.execute_many([*requests, ("migrate", {"uri": uri})]))
+
+    def start_prepared(self, uri: str) -> MigrationStatus:
+        """``query-migrate`` and ``migrate`` in one write (on a new connection, the
+        negotiation's): QEMU's migration state before; see :func:`_begin`.
+
+        QEMU refuses ``migrate`` while a migration runs; that refusal is
+        expected then and the state before says so.  Any other refusal is
+        raised.
+        """
+        before, started = self.client.execute_many(
+            [("query-migrate", None), ("migrate", {"uri": uri})])
+        if isinstance(before, errors.QmpCommandError):
+            raise before
+        status = MigrationStatus.from_query(before)
+        if isinstance(started, errors.QmpCommandError) and status.status not in ONGOING:
+            raise started
+        return status
 
     def set_parameters(self, parameters: dict[str, int]) -> None:
         self.client.execute("migrate-set-parameters", dict(parameters))
@@ -587,6 +611,12 @@ class _HmpMonitor:
         self._run(f"migrate_set_parameter max-bandwidth "
                   f"{settings.bandwidth_mib_s * 1024 * 1024}")
         self._run(f"migrate_set_parameter downtime-limit {settings.downtime_ms}")
+
+    def start_prepared(self, uri: str) -> MigrationStatus:
+        status = self.query()
+        if status.status not in ONGOING:
+            self.start_migration(uri, None)
+        return status
 
     def start_migration(self, uri: str, settings: Settings | None) -> None:
         """:meth:`configure` (unless ``settings`` is None), then ``migrate``; each
@@ -704,6 +734,10 @@ def _prepare_quietly(node: KvmNode, name: str) -> None:
                 settings = _settings(node, mon, name, record, survey.tcg, quiet=True)
                 if not configured(survey, settings):
                     mon.configure(settings)
+                pid = node.running_pid(name)
+                if pid is not None:
+                    migration_ready.save(paths, migration_ready.Prepared(
+                        pid, survey.tcg, tuple(settings.capabilities()), settings.parameters()))
     except errors.HypervisorError as err:
         log.warning("Instance %s: cannot set its migration's capabilities and parameters "
                     "ahead (the migration will set them itself): %s", name, err)
@@ -715,9 +749,13 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
     """Configure and start the migration; save and return its state, and the PID of
     the instance's QEMU.
 
-    Three exchanges with QEMU: the monitor's greeting, one write asking
-    whether a migration runs and whether the guest is under TCG, and one
-    write configuring and starting the migration.
+    If :func:`migration_info` set this QEMU up for it
+    (:mod:`ganeti_kvm.core.migration_ready`), a live migration is one
+    write: the monitor's negotiation, ``query-migrate`` and ``migrate``.
+    Else two: the negotiation with a survey of QEMU's migration state and
+    settings, then the settings QEMU lacks and ``migrate``.  QEMU's own
+    time of the migration starts at ``migrate``; what comes before it is
+    overhead.
     """
     pid = node.running_pid(name)
     if pid is None:
@@ -728,20 +766,28 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
             f"Cannot migrate instance {name}: its runtime record is missing")
     hvp = record.hvparams
     live = live and hvp.get(c.HV_MIGRATION_MODE, c.HT_MIGRATION_LIVE) != c.HT_MIGRATION_NONLIVE
-    bandwidth = int(hvp.get(c.HV_MIGRATION_BANDWIDTH, 32))
     downtime = int(hvp.get(c.HV_MIGRATION_DOWNTIME, 30))
     port = int(hvp.get(c.HV_MIGRATION_PORT, 8102))
     caps = migration_caps(record)
     if limit is None:
-        limit = time_limit(int(record.beparams.get(c.BE_MEMORY, 128)), bandwidth)
+        limit = time_limit(int(record.beparams.get(c.BE_MEMORY, 128)),
+                           int(hvp.get(c.HV_MIGRATION_BANDWIDTH, 32)))
     uri = f"tcp:{_uri_host(target)}:{port}"
-    survey = mon.survey()
-    current = survey.status
-    settings = _settings(node, mon, name, record, survey.tcg)
-    if current.status in ONGOING:
-        raise errors.MigrationError(
-            f"Cannot migrate instance {name} to {target}: QEMU is already migrating it "
-            f"({current.status}); wait for that migration or cancel it first")
+    ongoing = errors.MigrationError(
+        f"Cannot migrate instance {name} to {target}: QEMU is already migrating it; "
+        "wait for that migration or cancel it first")
+    # Taken whatever follows: good for this migration only.
+    prepared = migration_ready.take(paths)
+    settings = survey = None
+    if live and mon.escalates and prepared is not None:
+        settings = _settings(node, mon, name, record, prepared.tcg)
+        if not prepared.matches(pid, settings.capabilities(), settings.parameters()):
+            settings = None
+    if settings is None:
+        survey = mon.survey()
+        settings = _settings(node, mon, name, record, survey.tcg)
+        if survey.status.status in ONGOING:
+            raise ongoing
     paused_by_us = False
     if not live and mon.run_state() == "running":
         mon.command("stop")
@@ -757,7 +803,11 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
     try:
         state = save_state(paths, state)
         log.info("Migrating instance %s to %s (%s)", name, uri, "live" if live else "non-live")
-        mon.start_migration(uri, None if configured(survey, settings) else settings)
+        if survey is None:
+            before = mon.start_prepared(uri).status
+        else:
+            before = "none"
+            mon.start_migration(uri, None if configured(survey, settings) else settings)
     except BaseException as err:
         _abort(mon, name, paths, state)
         if isinstance(err, errors.HypervisorError) and not isinstance(
@@ -766,6 +816,11 @@ def _begin(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths, target
                 f"Cannot start migrating instance {name} to {target}: {err}; "
                 "the instance keeps running on this node") from err
         raise
+    if before in ONGOING:
+        # Not one of this library's (that would have taken the note): QEMU
+        # refused the second one, and the state saved just now is not its.
+        _drop_state(paths)
+        raise ongoing
     return state, pid
 
 
@@ -974,12 +1029,23 @@ def _end_source(node: KvmNode, mon: _Monitor, name: str, paths: InstancePaths,
         # Its guest runs on the target and its disks were handed over when
         # the migration completed: nothing of this QEMU is worth a graceful
         # quit, which costs milliseconds of its own clean-up.
-        if _kill(pid, pidfd) and not _wait_exit(pid, 10.0, pidfd) \
-                and not process.terminate(pid):
-            raise errors.MigrationError(
-                f"Instance {name} migrated, but its old QEMU process {pid} on this node "
-                "survived SIGKILL; its files are kept. Find out why the process cannot exit "
-                "(fuser, /proc/PID/stack) and run CleanupInstance once it is gone")
+        killed = time.perf_counter()
+        if _kill(pid, pidfd):
+            # The kernel takes milliseconds to tear a QEMU down: meanwhile,
+            # read the record and remove what no one reaches the QEMU by.
+            # The pidfile and the record stay until it is gone, so that a
+            # QEMU that survives SIGKILL is still listed here.
+            record = node._record_or_none(name)
+            node._remove_control_files(paths)
+            if not _wait_exit(pid, 10.0, pidfd) and not process.terminate(pid):
+                raise errors.MigrationError(
+                    f"Instance {name} migrated, but its old QEMU process {pid} on this node "
+                    "survived SIGKILL; its files are kept. Find out why the process cannot "
+                    "exit (fuser, /proc/PID/stack) and run CleanupInstance once it is gone")
+            log.debug("Instance %s: the source QEMU %d was gone %.3f ms after SIGKILL", name,
+                      pid, (time.perf_counter() - killed) * 1000)
+            node._cleanup_stopped_with(name, paths, record)
+            return
     node._cleanup_stopped(name, paths)
 
 
@@ -1009,7 +1075,7 @@ def _require_running(node: KvmNode, name: str, what: str) -> InstancePaths:
     return paths
 
 
-def poll(node: KvmNode, name: str) -> MigrationStatus:
+def poll(node: KvmNode, name: str, wait: float = 0.0) -> MigrationStatus:
     """QEMU's report of ``name``'s migration, with the library's limits enforced.
 
     A migration past its time limit or without progress for its stall
@@ -1017,10 +1083,32 @@ def poll(node: KvmNode, name: str) -> MigrationStatus:
     with the reason in ``error``; so is it on every later poll.  Safe to
     call from any process, also while :func:`migrate` runs; ``none`` means
     no migration was started.
+
+    ``wait``: while the migration goes on, keep watching it (as
+    :func:`migrate` does: woken by QEMU's events, escalating where it does
+    not converge) for up to that many seconds, and report as soon as it
+    has ended.  A caller that polls at a fixed pace (Ganeti's master: every
+    second) then learns of the end when it happens, not at its next poll.
     """
+    if not 0 <= wait < float("inf"):
+        raise errors.MigrationError(
+            f"Cannot watch the migration of instance {name} for {wait!r} seconds: "
+            "give a number of seconds from 0 up")
     paths = _require_running(node, name, "check the migration")
     with _monitor(node, paths, long=False) as mon:
-        return _check(mon, name, paths, load_state(paths))[0]
+        status, state = _check(mon, name, paths, load_state(paths))
+        deadline = time.monotonic() + wait
+        asked = time.monotonic()
+        while status.status in ONGOING:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            announced = mon.wait(min(deadline, asked + POLL_INTERVAL) - now)
+            if announced in ONGOING and time.monotonic() < min(deadline, asked + POLL_INTERVAL):
+                continue
+            status, state = _check(mon, name, paths, state)
+            asked = time.monotonic()
+        return status
 
 
 def cancel(node: KvmNode, name: str) -> None:

@@ -657,12 +657,20 @@ class KvmNode:
         Every step runs even if an earlier one fails; then the failures are
         raised together, each naming its path.
         """
-        problems: list[str] = []
+        self._cleanup_stopped_with(name, paths, self._record_or_none(name))
+
+    def _record_or_none(self, name: str) -> runtime.RuntimeRecord | None:
+        """The instance's runtime record; None if it has none or it cannot be read (logged)."""
         try:
-            record = self.load_record(name)
+            return self.load_record(name)
         except errors.RuntimeStateError as err:
             log.warning("Ignoring the unreadable runtime record of %s: %s", name, err)
-            record = None
+            return None
+
+    def _cleanup_stopped_with(self, name: str, paths: InstancePaths,
+                              record: runtime.RuntimeRecord | None) -> None:
+        """:meth:`_cleanup_stopped` with the runtime record read already."""
+        problems: list[str] = []
         for step in (lambda: self._release_uids(name, record),
                      lambda: self._retire_chroot(paths, name),
                      lambda: self._remove_leftovers(paths)):
@@ -688,6 +696,20 @@ class KvmNode:
         except OSError as err:
             raise errors.HypervisorError(
                 f"Cannot release the uids of instance {name} in {pool.pool_dir}: {err}") from None
+
+    @staticmethod
+    def _remove_control_files(paths: InstancePaths) -> None:
+        """Remove the sockets and migration notes of a QEMU that is ending; never raises.
+
+        Done while the kernel takes the process apart (milliseconds for a
+        QEMU), instead of after; what fails here is logged and tried again
+        by :meth:`_cleanup_stopped`.
+        """
+        for path in paths.control_files():
+            try:
+                fsutil.remove_file(path)
+            except errors.HypervisorError as err:
+                log.warning("%s; trying again once the QEMU of %s is gone", err, paths.name)
 
     @staticmethod
     def _remove_leftovers(paths: InstancePaths) -> None:

@@ -473,7 +473,11 @@ class KVMHypervisor(_ganeti.BaseHypervisor):
 
     @_as_ganeti_errors
     def GetMigrationStatus(self, instance: Any) -> Any:
-        """Ganeti's ``objects.MigrationStatus``: active, completed, failed or cancelled."""
+        """Ganeti's ``objects.MigrationStatus``: active, completed, failed or cancelled.
+
+        While the migration goes on, the answer comes when it ends, or
+        after :data:`~ganeti_kvm.ganeti3.migration.STATUS_WAIT` seconds.
+        """
         state, status = migration.poll(self.node, _name(instance))
         return _ganeti.MigrationStatus(status=state, **migration.ganeti_fields(status))
 

@@ -17,11 +17,14 @@ def ensure_dirs(paths: list[str], mode: int = 0o700) -> None:
             os.chmod(path, mode)
 
 
-def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
+def atomic_write(path: str, data: bytes | str, mode: int = 0o600,
+                 durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
 
     A reader sees either the old content or the new one, never a mix, even
-    if the node crashes in between.
+    if the node crashes in between.  ``durable=False`` skips both fsyncs,
+    for state that means nothing after a crash of the node (what a running
+    QEMU is doing): readers still never see a mix.
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -33,7 +36,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         remove_file(tmp)
@@ -44,6 +48,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o600) -> None:
     except BaseException:
         remove_file(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

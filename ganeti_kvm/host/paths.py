@@ -175,6 +175,12 @@ class InstancePaths:
         return os.path.join(self.run_dir.conf_dir, self.name + ".migration")
 
     @property
+    def migration_prepared(self) -> str:
+        """What the source set up for the next migration, and for which QEMU (see
+        :mod:`ganeti_kvm.core.migration`)."""
+        return os.path.join(self.run_dir.conf_dir, self.name + ".migration-ready")
+
+    @property
     def qemu_log(self) -> str:
         """QEMU's own output (``-D``), emptied at every start; see :mod:`ganeti_kvm.qemu.log`."""
         return os.path.join(self.run_dir.ctrl_dir, self.name + ".log")
@@ -191,8 +197,16 @@ class InstancePaths:
         """The VNC unix socket when ``vnc_bind_address`` is a directory."""
         return os.path.join(directory, self.name + ".vnc")
 
+    def control_files(self) -> list[str]:
+        """The files through which a running QEMU is reached or a migration of it is
+        steered: nothing needs them once its process has been told to end."""
+        return [self.qmp_socket, self.qmp_long_socket, self.monitor_socket, self.serial_socket,
+                self.kvmd_socket, self.kvmd_bind_socket, self.guest_agent_socket,
+                self.migration_state, self.migration_prepared]
+
     def runtime_files(self) -> list[str]:
         """Files that a stopped instance may leave behind."""
         return [self.pidfile, self.qmp_socket, self.qmp_long_socket, self.monitor_socket,
-                self.serial_socket, self.qemu_log, self.migration_state, self.kvmd_socket,
-                self.kvmd_bind_socket, self.guest_agent_socket]
+                self.serial_socket, self.qemu_log, self.migration_state,
+                self.migration_prepared, self.kvmd_socket, self.kvmd_bind_socket,
+                self.guest_agent_socket]
