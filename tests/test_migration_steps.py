@@ -458,6 +458,34 @@ def test_a_refused_capability_cancels_the_migration_qemu_began_anyway(
     assert not os.path.exists(node.paths("f1").migration_state)
 
 
+def test_a_source_that_outlives_sigkill_keeps_its_pidfile_and_record(
+        short_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control files go while the kernel tears the process down; the
+    # pidfile and the record only once it is gone, so a QEMU stuck in the
+    # kernel stays listed.  Here the exit is never seen (a stand-in process).
+    node = KvmNode(os.path.join(short_dir, "run"))
+    node.ensure_dirs()
+    paths = node.paths("f2")
+    for path in [paths.pidfile, paths.runtime_file, *paths.control_files()]:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("x")
+    stand_in = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfd = os.pidfd_open(stand_in.pid)
+        monkeypatch.setattr(migration, "_wait_exit", lambda *args: False)
+        monkeypatch.setattr(migration.process, "terminate", lambda pid: False)
+        with pytest.raises(errors.MigrationError, match="survived SIGKILL; its files are kept"):
+            migration._end_source(node, None, "f2", paths,  # type: ignore[arg-type]
+                                  completed=True,
+                                  source=migration._Source(stand_in.pid, pidfd))
+        os.close(pidfd)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert os.path.exists(paths.pidfile) and os.path.exists(paths.runtime_file)
+    assert not any(os.path.exists(path) for path in paths.control_files())
+
+
 def test_the_source_end_spares_a_process_that_is_not_the_instances_qemu(
         short_dir: str) -> None:
     # The pidfd taken during the migration must name the instance's QEMU:
