@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import subprocess
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -623,6 +624,19 @@ def test_a_waiting_poll_answers_at_its_bound_while_the_migration_goes_on(
     began = time.monotonic()
     assert migration.poll(hv.node, "st7", wait=0.3).status in migration.ONGOING
     assert time.monotonic() - began >= 0.3  # it watched, not just asked
+    # While a poll watches, the instance's short monitor stays free for listings.
+    seen: list[str] = []
+    watcher = threading.Thread(
+        target=lambda: seen.append(migration.poll(hv.node, "st7", wait=3.0).status))
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        assert hv.node.qmp("st7", "query-status")["status"] == "running"
+        assert hv.ListInstances() == ["st7"]
+        assert watcher.is_alive()  # answered while the watch went on
+    finally:
+        watcher.join(timeout=30)
+    assert seen and seen[0] in migration.ONGOING
     with pytest.raises(errors.MigrationError, match="seconds from 0 up"):
         migration.poll(hv.node, "st7", wait=-1)
     migration.cancel(hv.node, "st7")

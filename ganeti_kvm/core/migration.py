@@ -1089,13 +1089,19 @@ def poll(node: KvmNode, name: str, wait: float = 0.0) -> MigrationStatus:
     not converge) for up to that many seconds, and report as soon as it
     has ended.  A caller that polls at a fixed pace (Ganeti's master: every
     second) then learns of the end when it happens, not at its next poll.
+    The watch holds the long-operation monitor, which :func:`start` left
+    free: QEMU serves one client per monitor, and the short one stays free
+    for listings.  Over a human monitor (a QEMU of the 2011 driver), the
+    only one, there is no watch: the report comes at once.
     """
     if not 0 <= wait < float("inf"):
         raise errors.MigrationError(
             f"Cannot watch the migration of instance {name} for {wait!r} seconds: "
             "give a number of seconds from 0 up")
     paths = _require_running(node, name, "check the migration")
-    with _monitor(node, paths, long=False) as mon:
+    if node.human_monitor_only(paths):
+        wait = 0.0
+    with _monitor(node, paths, long=wait > 0) as mon:
         status, state = _check(mon, name, paths, load_state(paths))
         deadline = time.monotonic() + wait
         asked = time.monotonic()
