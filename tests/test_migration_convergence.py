@@ -348,3 +348,64 @@ def test_qemu_takes_parameters_but_no_capability_once_migrating(
     assert hv.node.qmp("cv3", "query-migrate-parameters")["max-cpu-throttle"] == 80
     migration.finish_source(hv.node, "cv3", success=False)
     assert hv.node.qmp("cv3", "query-status")["status"] == "running"
+
+
+# --- the downtime of a post-copy switch -------------------------------------------------
+
+
+def _completed(downtime: int | None, step: str | None = migration.STEP_POSTCOPY,
+               status: str = "completed") -> MigrationStatus:
+    return MigrationStatus(status=status, total_time_ms=12412, downtime_ms=downtime, step=step)
+
+
+def test_a_post_copy_downtime_qemu_measured_to_the_end_is_taken_from_its_events() -> None:
+    # QEMU's 0 ms switch counted as "not measured": the whole post-copy phase.
+    stopped, switched = 1000.000200, 1000.000650
+    assert migration.switchover_downtime(_completed(5108), stopped, switched) == 1
+    assert migration.switchover_downtime(_completed(5108), stopped, stopped + 0.0031) == 4
+
+
+def test_a_right_downtime_and_every_other_case_stay_as_qemu_said() -> None:
+    stopped = 1000.0
+    assert migration.switchover_downtime(_completed(2), stopped, stopped + 0.0015) == 2
+    for status, args in [
+            (_completed(5108, step=migration.STEP_PRECOPY), (stopped, stopped + 0.001)),
+            (_completed(5108, step=None), (stopped, stopped + 0.001)),
+            (_completed(5108, status="postcopy-active"), (stopped, stopped + 0.001)),
+            (_completed(5108), (None, stopped)),
+            (_completed(5108), (stopped, None)),
+            (_completed(5108), (stopped, stopped - 1)),  # a STOP after the switch: not its
+            (_completed(None), (stopped, stopped + 0.001))]:
+        assert migration.switchover_downtime(status, *args) == status.downtime_ms
+
+
+class _Events:
+    """A QMP client that has these events for ``wait_event`` (and nothing else)."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def wait_event(self, names: list[str], timeout: float) -> dict[str, Any] | None:
+        for index, event in enumerate(self.events):
+            if event["event"] in names:
+                return self.events.pop(index)
+        return None
+
+
+def _event(name: str, seconds: int, micros: int, **data: Any) -> dict[str, Any]:
+    return {"event": name, "data": data,
+            "timestamp": {"seconds": seconds, "microseconds": micros}}
+
+
+def test_the_monitor_notes_the_stop_and_the_switch_and_corrects_the_report() -> None:
+    client = _Events([_event("STOP", 1000, 200), _event("RESUME", 1000, 300),
+                      _event("MIGRATION", 1000, 650, status="postcopy-active"),
+                      _event("MIGRATION", 1005, 108000, status="completed")])
+    mon = migration._QmpMonitor(client, "d1")  # type: ignore[arg-type]
+    assert mon.wait(1.0) == "postcopy-active"  # the STOP on the way is noted
+    assert (mon.stopped_at, mon.postcopy_at) == (1000.0002, 1000.00065)
+    assert mon.wait(1.0) == "completed"
+    assert mon.wait(0.0) is None and [e["event"] for e in client.events] == ["RESUME"]
+    assert mon.settle(_completed(5108)).downtime_ms == 1
+    assert migration.event_time({"timestamp": {"seconds": -1, "microseconds": 0}}) is None
+    assert migration.event_time({}) is None

@@ -213,8 +213,14 @@ class KvmNode:
 
     def start_from_record(self, record: runtime.RuntimeRecord, paused: bool = False,
                           incoming: str | None = None, run_ifup: bool = True,
-                          caps: qemu_caps.QemuCaps | None = None) -> None:
+                          caps: qemu_caps.QemuCaps | None = None,
+                          autostart: bool = False) -> None:
         """Start QEMU from a record (a new start, a reboot, a migration target).
+
+        A migration target (``incoming``) waits paused until the library
+        continues it, unless ``autostart``: QEMU then runs the guest itself
+        as soon as it may (at the switch to post-copy, or at the end of a
+        pre-copy), if it ran on the source.
 
         The caller holds the instance's lock; ``caps`` are those of the
         record's ``kvm_path`` if the caller has them already.
@@ -253,7 +259,8 @@ class KvmNode:
                 record.machine = hardware.pin_machine(record, caps)
                 record.argv = self.build_argv(record, caps, paths)
                 record.qemu_version = list(caps.version)
-            self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup)
+            self._execute(record, paths, paused, undo, incoming=incoming, run_ifup=run_ifup,
+                          autostart=autostart)
         except BaseException:
             undo.run()
             raise
@@ -305,7 +312,8 @@ class KvmNode:
         return None
 
     def _execute(self, record: runtime.RuntimeRecord, paths: InstancePaths, paused: bool,
-                 undo: _StartUndo, incoming: str | None = None, run_ifup: bool = True) -> None:
+                 undo: _StartUndo, incoming: str | None = None, run_ifup: bool = True,
+                 autostart: bool = False) -> None:
         """Launch QEMU from ``record``: TAPs, process, QMP, hooks, password, continue."""
         hvp = record.hvparams
         macaddr.check_nics(record.name, record.nics)  # before anything is acquired
@@ -325,7 +333,7 @@ class KvmNode:
              for index, (nic, (fds, _)) in enumerate(zip(record.nics, taps, strict=True))],
             boot_network=hvp[c.HV_BOOT_ORDER] == c.HT_BO_NETWORK and not hvp[c.HV_KERNEL_PATH],
             name=record.name)
-        argv += cmdline.start_flags(paused=True, incoming=incoming)
+        argv += cmdline.start_flags(paused=not (incoming and autostart), incoming=incoming)
         undo.push("remove sockets and pidfile", lambda: self._remove_leftovers(paths))
         self._launch(argv, [fd for fds, _ in taps for fd in fds], record.name, paths)
         for fd in (fd for fds, _ in taps for fd in fds):
