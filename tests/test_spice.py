@@ -13,6 +13,7 @@ took on its command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -187,26 +188,15 @@ def test_syntax_refusals_name_the_key(overrides: dict[str, Any], key: str) -> No
         G3Hypervisor.CheckParameterSyntax(g3_params(**overrides))
 
 
-class SpiceCaps:
-    """The node check's view of a QEMU: SPICE with every key, the agent's parts, qxl."""
-
-    path = "/usr/bin/qemu-system-x86_64"
-    spice_keys = SPICE_KEYS
-    chardev_backends = frozenset(["socket", "spicevmc"])
-    devices = frozenset(["virtio-serial-pci", "virtserialport", "qxl-vga"])
-
-    @property
-    def has_spice(self) -> bool:
-        return bool(self.spice_keys)
-
-    def has_spice_key(self, name: str) -> bool:
-        return name in self.spice_keys
-
-    def has_chardev_backend(self, name: str) -> bool:
-        return name in self.chardev_backends
-
-    def has_device(self, name: str) -> bool:
-        return name in self.devices
+def spice_caps(**changes: Any) -> qemu_caps.QemuCaps:
+    """What the node check reads of a QEMU: SPICE with every key, the agent's parts,
+    qxl; ``changes`` replace fields."""
+    caps = qemu_caps.QemuCaps(
+        path="/usr/bin/qemu-system-x86_64", version=(7, 2, 0), version_text="7.2",
+        options=frozenset(["spice"]), spice_keys=SPICE_KEYS,
+        chardev_backends=frozenset(["socket", "spicevmc"]),
+        devices=frozenset(["virtio-serial-pci", "virtserialport", "qxl-vga"]))
+    return dataclasses.replace(caps, **changes)
 
 
 @pytest.fixture
@@ -223,9 +213,9 @@ def test_node_check_passes_with_what_it_needs(cert_files: spice.TlsFiles,
     password.write_text("secret\n", encoding="utf-8")
     core_params.check_node_spice(hvp(spice_bind="lo", spice_use_tls=True,
                                      spice_password_file=str(password),
-                                     spice_streaming_video="off"), SpiceCaps(), cert_files)
-    core_params.check_node_spice(hvp(), type("NoSpice", (SpiceCaps,), {
-        "spice_keys": frozenset()})(), None)  # no SPICE asked: nothing to check
+                                     spice_streaming_video="off"), spice_caps(), cert_files)
+    # No SPICE asked: nothing to check.
+    core_params.check_node_spice(hvp(), spice_caps(spice_keys=frozenset()), None)
 
 
 @pytest.mark.parametrize("caps_change, overrides, key, words", [
@@ -242,7 +232,7 @@ def test_node_check_passes_with_what_it_needs(cert_files: spice.TlsFiles,
 ])
 def test_node_refusals_name_the_key(caps_change: dict[str, Any], overrides: dict[str, Any],
                                     key: str, words: str, cert_files: spice.TlsFiles) -> None:
-    caps = type("Caps", (SpiceCaps,), caps_change)()
+    caps = spice_caps(**caps_change)
     with pytest.raises(errors.ParameterError, match=words) as info:
         core_params.check_node_spice(hvp(**{"spice_bind": "127.0.0.1", **overrides}), caps,
                                      cert_files)
@@ -252,12 +242,12 @@ def test_node_refusals_name_the_key(caps_change: dict[str, Any], overrides: dict
 def test_node_refuses_tls_without_the_certificate_files(tmp_path: Any) -> None:
     with pytest.raises(errors.ParameterError, match="no SPICE certificate files"):
         core_params.check_node_spice(hvp(spice_bind="127.0.0.1", spice_use_tls=True),
-                                     SpiceCaps(), None)
+                                     spice_caps(), None)
     missing = spice.TlsFiles(cacert=str(tmp_path / "ca.pem"), cert="/etc/hosts",
                              key="/etc/hosts")
     with pytest.raises(errors.ParameterError, match="ca.pem") as info:
         core_params.check_node_spice(hvp(spice_bind="127.0.0.1", spice_use_tls=True),
-                                     SpiceCaps(), missing)
+                                     spice_caps(), missing)
     assert info.value.name == c.HV_KVM_SPICE_USE_TLS
 
 
@@ -268,7 +258,7 @@ def test_node_refuses_an_unusable_password_file(tmp_path: Any, content: str | No
         path.write_text(content, encoding="utf-8")
     with pytest.raises(errors.ParameterError, match="SPICE password file"):
         core_params.check_node_spice(hvp(spice_bind="127.0.0.1", spice_password_file=str(path)),
-                                     SpiceCaps(), None)
+                                     spice_caps(), None)
 
 
 # --- the probe -------------------------------------------------------------------------
