@@ -1165,16 +1165,24 @@ def poll(node: KvmNode, name: str, wait: float = 0.0) -> MigrationStatus:
         status, state = _check(mon, name, paths, load_state(paths))
         deadline = time.monotonic() + wait
         asked = time.monotonic()
-        while status.status in ONGOING:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            announced = mon.wait(min(deadline, asked + POLL_INTERVAL) - now)
-            if announced in ONGOING and time.monotonic() < min(deadline, asked + POLL_INTERVAL):
-                continue
+        while status.status in ONGOING and time.monotonic() < deadline:
+            _wait_to_ask(mon, asked, deadline)
             status, state = _check(mon, name, paths, state)
             asked = time.monotonic()
         return status
+
+
+def _wait_to_ask(mon: _Monitor, asked: float, until: float = math.inf) -> None:
+    """Wait until QEMU is to be asked again: an event announcing a state that ends
+    the migration, :data:`POLL_INTERVAL` after ``asked``, or ``until``.
+
+    An event of a state the migration goes on in (``setup``, ``active``...)
+    says all there is to know then; a question would only compete with the
+    migration for QEMU's main loop.
+    """
+    due = min(until, asked + POLL_INTERVAL)
+    while mon.wait(max(0.0, due - time.monotonic())) in ONGOING and time.monotonic() < due:
+        pass
 
 
 def cancel(node: KvmNode, name: str) -> None:
@@ -1265,9 +1273,7 @@ def _follow(mon: _Monitor, name: str, paths: InstancePaths, target: str,
     try:
         asked = time.monotonic()
         while True:
-            announced = mon.wait(max(0.0, asked + POLL_INTERVAL - time.monotonic()))
-            if announced in ONGOING and time.monotonic() < asked + POLL_INTERVAL:
-                continue
+            _wait_to_ask(mon, asked)
             final, state = _check(mon, name, paths, state)
             asked = time.monotonic()
             if final.status not in ONGOING:
